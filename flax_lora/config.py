@@ -1,0 +1,228 @@
+"""Training configuration: one typed dataclass; the command line is generated from its fields.
+
+Flag names and meanings follow diffusers' `examples/text_to_image/train_text_to_image_lora.py`, so a
+user of that script switches by changing the command name. Each field carries its help text in
+`metadata["help"]`; `build_parser` turns fields into argparse flags (bools become `--flag`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+LR_SCHEDULERS = (
+    "constant",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant_with_warmup",
+)
+MIXED_PRECISION = ("no", "bf16", "fp16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+REPORT_TO = ("tensorboard", "none")
+
+DEFAULT_TINY_MODEL = os.path.join("~", ".cache", "flax_lora", "tiny-sd1")
+DEFAULT_TINY_DATA = os.path.join("~", ".cache", "flax_lora", "tiny-shapes")
+
+
+def _f(default, help: str, choices=None):
+    """Dataclass field with its CLI help text (and optional choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; `python train_flax.py --help` lists them."""
+
+    # Model
+    pretrained_model_name_or_path: str | None = _f(
+        None,
+        "Hub id or local folder of a Stable Diffusion pipeline (diffusers layout). Without it, a tiny "
+        f"pipeline is built in {DEFAULT_TINY_MODEL} and trained on a built-in shapes dataset.",
+    )
+    revision: str | None = _f(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
+    variant: str | None = _f(None, "Variant of the model files, e.g. 'fp16'.")
+
+    # Data
+    dataset_name: str | None = _f(
+        None,
+        "Name of a Hugging Face `datasets` dataset (hub id or local path) with an image and a caption column.",
+    )
+    dataset_config_name: str | None = _f(None, "Config name of the dataset; leave unset if it has only one.")
+    train_data_dir: str | None = _f(
+        None,
+        "Folder of training images with a metadata.jsonl: one JSON object per line with 'file_name' "
+        "(path relative to the folder) and the caption column. Ignored if --dataset_name is given.",
+    )
+    image_column: str = _f("image", "Dataset column holding the image (or, for metadata.jsonl, 'file_name').")
+    caption_column: str = _f("text", "Dataset column holding the caption (a string or a list of strings).")
+    max_train_samples: int | None = _f(None, "Use only the first N training examples (debugging / quick runs).")
+    cache_dir: str | None = _f(None, "Where downloaded models and datasets are stored.")
+    resolution: int = _f(
+        512, "Training images are resized (shorter side) and cropped to this square size; must be divisible by 8."
+    )
+    center_crop: bool = _f(False, "Crop the center of the image (default: a random crop).")
+    random_flip: bool = _f(False, "Flip images horizontally at random.")
+    dataloader_num_workers: int = _f(
+        0, "Threads that decode and preprocess images (0 = decode in the training loop's thread)."
+    )
+    skip_bad_images: bool = _f(
+        True,
+        "Skip unreadable images and count them (default). With --no-skip_bad_images the first bad image stops "
+        "the run with an error naming the file.",
+    )
+    cache_latents: bool = _f(
+        False,
+        "Encode every training image with the VAE once before training and train on the stored latent "
+        "distributions (saves about 65%% of a step at 512 px). Random crops are then drawn once; "
+        "--random_flip caches both orientations.",
+    )
+    cache_text_embeddings: bool = _f(
+        False,
+        "Encode every caption with the text encoder once before training (not with --train_text_encoder; "
+        "with several captions per image, the first one is used).",
+    )
+
+    # Batch and schedule
+    train_batch_size: int = _f(16, "Batch size per device (the global batch is this times the device count).")
+    num_train_epochs: int = _f(100, "Epochs to train; --max_train_steps overrides it when given.")
+    max_train_steps: int | None = _f(None, "Total optimizer steps to run; overrides --num_train_epochs.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated before each optimizer update.")
+    learning_rate: float = _f(1e-4, "Initial learning rate (after warmup).")
+    scale_lr: bool = _f(
+        False, "Scale the learning rate by the number of devices, accumulation steps and per-device batch size."
+    )
+    lr_scheduler: str = _f("constant", "Learning-rate schedule.", LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(500, "Warmup steps of the learning-rate schedule (ignored by 'constant').")
+    lr_num_cycles: int = _f(1, "Hard restarts of the 'cosine_with_restarts' schedule.")
+    lr_power: float = _f(1.0, "Power of the 'polynomial' schedule.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay (applied to the LoRA weights only).")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this global norm (0 disables clipping).")
+
+    # Diffusion loss
+    snr_gamma: float | None = _f(
+        None, "Min-SNR weighting gamma (5.0 is recommended); unset trains with plain MSE."
+    )
+    noise_offset: float = _f(0.0, "Scale of the per-channel noise offset (0 disables it).")
+    prediction_type: str | None = _f(
+        None,
+        "Training target; unset uses the scheduler config's prediction_type.",
+        PREDICTION_TYPES,
+    )
+    mixed_precision: str = _f(
+        "no",
+        "Compute dtype of the frozen model: 'bf16' (recommended on TPU and recent GPUs) or 'fp16'. LoRA weights "
+        "and optimizer state stay float32.",
+        MIXED_PRECISION,
+    )
+
+    # LoRA
+    rank: int = _f(4, "LoRA rank.")
+    lora_alpha: float | None = _f(None, "LoRA alpha (scale = alpha / rank); unset means alpha = rank.")
+    train_text_encoder: bool = _f(False, "Also train LoRA layers on the text encoder.")
+
+    # Output, checkpoints, logging
+    output_dir: str = _f("sd-model-finetuned-lora", "Where the adapter, checkpoints, samples and logs are written.")
+    seed: int | None = _f(None, "Seed for reproducible training (unset: 0).")
+    checkpointing_steps: int = _f(500, "Save a checkpoint (LoRA, optimizer, step, RNG, data position) every N steps.")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted).")
+    resume_from_checkpoint: str | None = _f(
+        None, "Resume from a checkpoint folder (OUTPUT_DIR/checkpoints/N) or 'latest' in OUTPUT_DIR."
+    )
+    validation_prompt: str | None = _f(None, "Prompt sampled during training and at the end.")
+    num_validation_images: int = _f(4, "Images generated per validation.")
+    validation_epochs: int = _f(1, "Run validation every N epochs.")
+    num_inference_steps: int = _f(25, "Sampling steps for validation images.")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale for validation images.")
+    report_to: str = _f("tensorboard", "Where scalars and validation images are logged.", REPORT_TO)
+    logging_dir: str = _f("logs", "TensorBoard folder, relative to --output_dir.")
+
+    # Multi-process (multi-host)
+    coordinator_address: str | None = _f(
+        None,
+        "host:port of process 0 for multi-process training; with --num_processes and --process_id. Not "
+        "needed on TPU pods / SLURM, where --multihost detects everything.",
+    )
+    num_processes: int | None = _f(None, "Number of processes of a multi-process run.")
+    process_id: int | None = _f(None, "Index of this process in a multi-process run.")
+    multihost: bool = _f(False, "Call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM).")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag whose value cannot work."""
+        if self.resolution % 8 != 0 or self.resolution <= 0:
+            raise ValueError(
+                f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
+            )
+        for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
+        if self.checkpointing_steps < 1:
+            raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+        for name in dataclasses.fields(self):
+            choices = name.metadata.get("choices")
+            value = getattr(self, name.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{name.name} must be one of {', '.join(choices)}; got {value!r}")
+        if self.cache_text_embeddings and self.train_text_encoder:
+            raise ValueError("--cache_text_embeddings cannot be combined with --train_text_encoder")
+        if self.dataset_name is None and self.train_data_dir is None and self.pretrained_model_name_or_path:
+            raise ValueError("give --dataset_name or --train_data_dir to train a pretrained model")
+        multi = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(v is not None for v in multi) and not all(v is not None for v in multi):
+            raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+
+    @property
+    def uses_builtin_defaults(self) -> bool:
+        """True when no model or data was given: train the tiny pipeline on the built-in shapes."""
+        return self.pretrained_model_name_or_path is None
+
+
+def _base_type(tp):
+    """The non-None type of an annotation like `int | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse parser with one flag per TrainConfig field."""
+    parser = argparse.ArgumentParser(
+        description="LoRA fine-tuning of Stable Diffusion with JAX/Flax (flags follow diffusers' "
+        "train_text_to_image_lora.py). With no model and data flags it trains a tiny built-in example.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp = _base_type(hints[f.name])
+        kwargs = {"default": f.default, "help": f.metadata["help"]}
+        if tp is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", type=tp, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse command-line flags into a validated TrainConfig (errors exit with a usage message)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return TrainConfig(**vars(ns))
+    except ValueError as e:
+        parser.error(str(e))

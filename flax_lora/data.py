@@ -1,0 +1,361 @@
+"""Training data: captioned image sources, numpy preprocessing, and a deterministic per-process batch loader.
+
+The loader sees the data as one endless stream: epoch e is a permutation of the examples seeded by
+(seed, e), and stream position j holds example perm_e[j % n] with e = j // n. Step s of a run with
+global batch G and accumulation A reads positions [(s*A + m)*G + r] for micro-batch m and row r. A
+process loads only the rows that land on its own devices, so the data position of a checkpoint is just
+the step, and a resumed or multi-process run sees exactly the examples a straight single-process run
+would. Random crops, flips and caption choices are seeded by the stream position for the same reason.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+
+class BadImageError(RuntimeError):
+    """An image could not be read or decoded."""
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class CaptionedImages:
+    """Random-access captioned images: `load_image(i)` returns an RGB PIL image, `captions(i)` its captions."""
+
+    names: list[str]  # a readable name per example (file path or dataset row) for error messages
+    caption_lists: list[list[str]]
+    _load: Callable[[int], Image.Image]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load_image(self, i: int) -> Image.Image:
+        """Decode example i as RGB; raise BadImageError naming the file if it cannot be read."""
+        try:
+            img = self._load(i)
+            img.load()
+            return img.convert("RGB")
+        except Exception as e:  # PIL raises many types for truncated/corrupt files
+            raise BadImageError(f"cannot read image {self.names[i]}: {type(e).__name__}: {e}") from e
+
+    def captions(self, i: int) -> list[str]:
+        """All captions of example i."""
+        return self.caption_lists[i]
+
+
+def _caption_list(value: Any, where: str, column: str) -> list[str]:
+    """Normalize a caption cell (string or list of strings) into a non-empty list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(
+        f"caption column '{column}' in {where} must hold a string or a list of strings, got {type(value).__name__}: "
+        f"{str(value)[:80]!r}"
+    )
+
+
+def load_image_folder(data_dir: str, caption_column: str = "text", max_samples: int | None = None) -> CaptionedImages:
+    """Read an image folder with metadata.jsonl (`file_name` + caption column), like diffusers' imagefolder."""
+    meta = os.path.join(data_dir, "metadata.jsonl")
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(
+            f"--train_data_dir {data_dir} has no metadata.jsonl; expected one JSON object per line with "
+            f"'file_name' and '{caption_column}'"
+        )
+    names, captions = [], []
+    with open(meta, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta} line {lineno} is not valid JSON: {e}") from e
+            if "file_name" not in row:
+                raise ValueError(f"{meta} line {lineno} has no 'file_name' key; keys: {sorted(row)}")
+            if caption_column not in row:
+                raise ValueError(
+                    f"caption column '{caption_column}' not found in {meta} line {lineno}; keys: {sorted(row)}. "
+                    "Pass --caption_column with one of them."
+                )
+            names.append(os.path.join(data_dir, row["file_name"]))
+            captions.append(_caption_list(row[caption_column], f"{meta} line {lineno}", caption_column))
+            if max_samples is not None and len(names) >= max_samples:
+                break
+    if not names:
+        raise ValueError(f"{meta} lists no images")
+    return CaptionedImages(names, captions, lambda i: Image.open(names[i]), source=data_dir)
+
+
+def load_hf_dataset(
+    name: str,
+    config_name: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    cache_dir: str | None = None,
+    max_samples: int | None = None,
+) -> CaptionedImages:
+    """Load the train split of a Hugging Face `datasets` dataset (hub id or local path)."""
+    import datasets
+
+    ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir, split="train")
+    for col, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
+        if col not in ds.column_names:
+            raise ValueError(
+                f"column '{col}' not found in dataset {name}; columns: {', '.join(ds.column_names)}. Pass {flag}."
+            )
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    captions = [_caption_list(c, f"dataset {name} row {i}", caption_column) for i, c in enumerate(ds[caption_column])]
+    # Decode lazily: keep the raw cell so a corrupt row fails (and is skipped) when it is used.
+    if isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+
+    def load(i: int) -> Image.Image:
+        cell = ds[i][image_column]
+        if isinstance(cell, Image.Image):
+            return cell
+        if isinstance(cell, dict):
+            if cell.get("bytes") is not None:
+                import io
+
+                return Image.open(io.BytesIO(cell["bytes"]))
+            return Image.open(cell["path"])
+        if isinstance(cell, str):
+            return Image.open(cell)
+        raise TypeError(f"unsupported image cell type {type(cell).__name__}")
+
+    names = [f"{name}[{i}]" for i in range(len(ds))]
+    return CaptionedImages(names, captions, load, source=name)
+
+
+def load_training_data(config) -> CaptionedImages:
+    """The training examples a TrainConfig names (--dataset_name wins over --train_data_dir)."""
+    if config.dataset_name is not None:
+        return load_hf_dataset(
+            config.dataset_name,
+            config.dataset_config_name,
+            config.image_column,
+            config.caption_column,
+            config.cache_dir,
+            config.max_train_samples,
+        )
+    if config.train_data_dir is None:
+        raise ValueError("no training data: pass --dataset_name or --train_data_dir")
+    return load_image_folder(os.path.expanduser(config.train_data_dir), config.caption_column, config.max_train_samples)
+
+
+# ------------------------------------------------------------------------------------ built-in dataset
+
+_COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 40),
+}
+_SHAPES = ("circle", "square", "triangle")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def build_tiny_dataset(out_dir: str, num_images: int = 24, resolution: int = 64, seed: int = 0) -> str:
+    """Write colored-shape images with captions as an image folder + metadata.jsonl; idempotent."""
+    out_dir = os.path.expanduser(out_dir)
+    meta = os.path.join(out_dir, "metadata.jsonl")
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            if sum(1 for line in f if line.strip()) == num_images:
+                return out_dir
+    rng = np.random.default_rng(seed)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-tiny-data-")
+    rows = []
+    for i in range(num_images):
+        color = list(_COLORS)[i % len(_COLORS)]
+        shape = _SHAPES[(i // len(_COLORS)) % len(_SHAPES)]
+        img = Image.new("RGB", (resolution, resolution), (255, 255, 255))
+        size = int(resolution * rng.uniform(0.4, 0.7))
+        x0, y0 = (int(v) for v in rng.integers(0, resolution - size + 1, size=2))
+        _draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + size, y0 + size), _COLORS[color])
+        name = f"{i:04d}.png"
+        img.save(os.path.join(tmp, name))
+        rows.append({"file_name": name, "text": f"a {color} {shape} on a white background"})
+    with open(os.path.join(tmp, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    # Publish atomically so a concurrent or interrupted build never leaves a half-written folder.
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(meta):
+            raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+
+def preprocess_image(
+    img: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """Resize (shorter side), crop and flip like diffusers' script; return float32 CHW in [-1, 1]."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+    if center_crop:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    else:
+        left = int(rng.integers(0, new_w - resolution + 1))
+        top = int(rng.integers(0, new_h - resolution + 1))
+    arr = np.asarray(img, dtype=np.float32)[top : top + resolution, left : left + resolution]
+    if random_flip and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1))
+
+
+def tokenize(tokenizer, captions: list[str]) -> np.ndarray:
+    """Token ids padded/truncated to the tokenizer's max length, int32 (N, L)."""
+    out = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+    )
+    return out.input_ids.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------- loader
+
+
+@dataclass
+class BatchLoader:
+    """Builds this process's rows of each step's batch: dict of numpy arrays shaped (accum, rows, ...).
+
+    Without a cache it yields `pixel_values` (float32, 3xRxR) and `input_ids`; with `latent_cache`
+    (n, flips, 2, C, h, w: mean and std of the VAE posterior) it yields `latent_mean`/`latent_std`, and
+    with `text_cache` (n, L, D) `text_embeddings` instead of `input_ids`.
+    """
+
+    data: CaptionedImages
+    tokenizer: Any
+    resolution: int
+    global_batch: int
+    rows: list[int]
+    accum: int = 1
+    seed: int = 0
+    center_crop: bool = False
+    random_flip: bool = False
+    skip_bad_images: bool = True
+    num_workers: int = 0
+    latent_cache: np.ndarray | None = None
+    text_cache: np.ndarray | None = None
+    valid: np.ndarray | None = None  # indices usable for training (cached mode drops bad images up front)
+    bad_images: set = field(default_factory=set)
+    _perms: dict = field(default_factory=dict)
+    _pool: Any = None
+
+    def __post_init__(self):
+        if self.valid is None:
+            self.valid = np.arange(len(self.data))
+        if len(self.valid) == 0:
+            raise ValueError(f"no readable training images in {self.data.source}")
+        if self.num_workers > 0:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.valid)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = self.valid[np.random.default_rng([self.seed, epoch]).permutation(len(self.valid))]
+        return self._perms[epoch]
+
+    def example_at(self, position: int) -> int:
+        """Example index at a stream position."""
+        n = len(self.valid)
+        return int(self._perm(position // n)[position % n])
+
+    def _load_pixels(self, position: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """Decode and preprocess the image at `position`; a bad image is replaced by the next good one."""
+        n = len(self.valid)
+        for k in range(n):
+            idx = self.example_at(position + k)
+            if idx in self.bad_images:
+                continue
+            try:
+                img = self.data.load_image(idx)
+            except BadImageError as e:
+                if not self.skip_bad_images:
+                    raise BadImageError(f"{e} (run with --skip_bad_images to skip such files)") from e
+                self.bad_images.add(idx)
+                logger.warning("skipping %s (%d unreadable so far)", e, len(self.bad_images))
+                continue
+            return idx, preprocess_image(img, self.resolution, self.center_crop, self.random_flip, rng)
+        raise BadImageError(f"none of the {n} images in {self.data.source} could be read")
+
+    def _example(self, position: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 1, position])
+        out = {}
+        if self.latent_cache is None:
+            idx, out["pixel_values"] = self._load_pixels(position, rng)
+        else:
+            idx = self.example_at(position)
+            flip = int(self.random_flip and rng.random() < 0.5)
+            out["latent_mean"], out["latent_std"] = self.latent_cache[idx, flip]
+        if self.text_cache is None:
+            caps = self.data.captions(idx)
+            out["caption"] = caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0]
+        else:
+            out["text_embeddings"] = self.text_cache[idx]
+        return out
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of optimizer step `step`, arrays shaped (accum, len(rows), ...)."""
+        positions = [(step * self.accum + m) * self.global_batch + r for m in range(self.accum) for r in self.rows]
+        if self._pool is not None:
+            examples = list(self._pool.map(self._example, positions))
+        else:
+            examples = [self._example(p) for p in positions]
+        out = {}
+        for key in examples[0]:
+            if key == "caption":
+                out["input_ids"] = tokenize(self.tokenizer, [e["caption"] for e in examples])
+                key_out, arr = "input_ids", out["input_ids"]
+            else:
+                key_out, arr = key, np.stack([e[key] for e in examples])
+            out[key_out] = arr.reshape(self.accum, len(self.rows), *arr.shape[1:])
+        return out
+
+    def close(self) -> None:
+        """Stop worker threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

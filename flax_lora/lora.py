@@ -1,0 +1,223 @@
+"""LoRA on unmodified Flax models.
+
+Design:
+- The base model is never edited. A LoRA "tree" mirrors the base params, but only at the targeted modules,
+  with leaves `{"down": A, "up": B}`: Dense A is (in, r) and B (r, out); a 1x1 Conv keeps Flax's HWIO layout,
+  A (1, 1, in, r) and B (1, 1, r, out). `up` starts at zero, so a fresh adapter leaves outputs bit-identical.
+- `lora_scope` adds `scale * (x @ A) @ B` to the output of each targeted Dense/Conv through
+  `flax.linen.intercept_methods`, keyed on the module path; it works inside `jit` and `grad`, so only the
+  LoRA tree is differentiated and the frozen base stays a separate argument.
+- Targets are matched on PyTorch-style module paths (`down_blocks.0.attentions.0...to_out.0`), as PEFT and
+  diffusers name them, so a user's `target_modules` mean the same here as there.
+- scale = alpha / rank, times a runtime multiplier (the `lora_scale` users know). `merge_lora` fuses a tree
+  into the kernels (and unfuses with a negative scale) for inference without the extra matmuls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+Params = dict[str, Any]
+ModulePath = tuple[str, ...]
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_INITS = ("gaussian", "kaiming")
+# Flax names list members `name_N` (diffusers) where PyTorch says `name.N`; other `_N` names (linear_1) stay.
+_LIST_NAMES = frozenset(
+    {
+        "down_blocks",
+        "up_blocks",
+        "attentions",
+        "resnets",
+        "transformer_blocks",
+        "to_out",
+        "net",
+        "downsamplers",
+        "upsamplers",
+        "layers",
+    }
+)
+_LIST_MEMBER = re.compile(r"^(.+)_(\d+)$")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Rank, alpha and targets of one model's adapter; alpha=None means alpha = rank (scale 1)."""
+
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = UNET_TARGETS
+    init: str = "gaussian"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"unknown LoRA init {self.init!r}; expected one of {LORA_INITS}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def lora_alpha(self) -> float:
+        """Alpha with the default filled in."""
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor on B @ A that PEFT and kohya apply."""
+        return self.lora_alpha / self.rank
+
+
+def pt_module_path(flax_path: ModulePath) -> str:
+    """PyTorch module path of a Flax module path: `down_blocks_0/to_out_0` -> `down_blocks.0.to_out.0`."""
+    parts = []
+    for name in flax_path:
+        member = _LIST_MEMBER.match(name)
+        parts.append(f"{member[1]}.{member[2]}" if member and member[1] in _LIST_NAMES else name)
+    return ".".join(parts)
+
+
+def matches_target(pt_path: str, target_modules: Sequence[str]) -> bool:
+    """PEFT's rule: a target names the whole path or its last dotted components; `re:` marks a full regex."""
+    for target in target_modules:
+        if target.startswith("re:"):
+            if re.fullmatch(target[3:], pt_path):
+                return True
+        elif pt_path == target or pt_path.endswith("." + target):
+            return True
+    return False
+
+
+def linear_modules(base_params: Params) -> dict[ModulePath, tuple[int, ...]]:
+    """Every Dense or Conv module of a param tree, with its kernel shape."""
+    return {k[:-1]: tuple(v.shape) for k, v in flatten_dict(base_params).items() if k[-1] == "kernel"}
+
+
+def lora_shapes(kernel_shape: tuple[int, ...], rank: int, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of (down, up) for a kernel: Dense (in, r), (r, out); 1x1 Conv (1, 1, in, r), (1, 1, r, out)."""
+    if len(kernel_shape) == 2:
+        return (kernel_shape[0], rank), (rank, kernel_shape[1])
+    if len(kernel_shape) == 4 and kernel_shape[:2] == (1, 1):
+        return (1, 1, kernel_shape[2], rank), (1, 1, rank, kernel_shape[3])
+    raise ValueError(f"LoRA supports Dense and 1x1 Conv layers; {where} has kernel shape {kernel_shape}")
+
+
+def init_lora(rng: jax.Array, base_params: Params, config: LoraConfig) -> Params:
+    """A LoRA tree for every targeted module: random `down`, zero `up` (so step 0 equals the base model)."""
+    targets = {
+        path: shape
+        for path, shape in linear_modules(base_params).items()
+        if matches_target(pt_module_path(path), config.target_modules)
+    }
+    if not targets:
+        examples = sorted(pt_module_path(p) for p in linear_modules(base_params))[:5]
+        raise ValueError(
+            f"target_modules {config.target_modules} match no Dense/Conv module; module paths look like {examples}"
+        )
+    flat = {}
+    for key, (path, shape) in zip(jax.random.split(rng, len(targets)), sorted(targets.items())):
+        down_shape, up_shape = lora_shapes(shape, config.rank, pt_module_path(path))
+        fan_in = math.prod(down_shape[:-1])
+        if config.init == "gaussian":  # diffusers' training scripts: N(0, 1/r)
+            down = jax.random.normal(key, down_shape, jnp.float32) / config.rank
+        else:  # PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(fan_in)
+            down = jax.random.uniform(key, down_shape, jnp.float32, -bound, bound)
+        flat[path + ("down",)] = down
+        flat[path + ("up",)] = jnp.zeros(up_shape, jnp.float32)
+    return unflatten_dict(flat)
+
+
+def lora_modules(tree: Params) -> dict[ModulePath, tuple[jax.Array, jax.Array]]:
+    """Flatten a LoRA tree to {module path: (down, up)}."""
+    flat = flatten_dict(tree)
+    return {k[:-1]: (flat[k[:-1] + ("down",)], v) for k, v in flat.items() if k[-1] == "up"}
+
+
+def low_rank_delta(x: jax.Array, down: jax.Array, up: jax.Array, scale: float) -> jax.Array:
+    """scale * (x @ A) @ B over the last (channel) axis; never forms the full-rank product."""
+    down2 = down.reshape(-1, down.shape[-1]).astype(x.dtype)
+    up2 = up.reshape(-1, up.shape[-1]).astype(x.dtype)
+    return ((x @ down2) @ up2) * jnp.asarray(scale, x.dtype)
+
+
+@contextlib.contextmanager
+def lora_scope(*layers: tuple[Params, float]) -> Iterator[None]:
+    """Inside this context each targeted Dense/Conv adds the low-rank update of every (tree, scale) given."""
+    prepared = [(lora_modules(tree), scale) for tree, scale in layers if tree]
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv)):
+            return out
+        path = module.path
+        for modules, scale in prepared:
+            if path in modules:
+                down, up = modules[path]
+                out = out + low_rank_delta(args[0], down, up, scale).astype(out.dtype)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def merge_lora(base_params: Params, tree: Params, scale: float) -> Params:
+    """Fuse scale * A @ B into the base kernels (a negative scale unfuses); returns new params."""
+    flat = flatten_dict(base_params)
+    for path, (down, up) in lora_modules(tree).items():
+        kernel_key = path + ("kernel",)
+        if kernel_key not in flat:
+            raise KeyError(f"LoRA module {'/'.join(path)} has no kernel in the base params")
+        kernel = flat[kernel_key]
+        delta = down.reshape(-1, down.shape[-1]) @ up.reshape(-1, up.shape[-1])
+        flat[kernel_key] = (kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)).astype(kernel.dtype)
+    return unflatten_dict(flat)
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter: a LoRA tree and a config per component ("unet", "text_encoder")."""
+
+    params: dict[str, Params]
+    configs: dict[str, LoraConfig]
+    base_model: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def scope_layers(self, component: str, multiplier: float = 1.0) -> tuple[Params, float]:
+        """(tree, scale * multiplier) for `lora_scope`; an empty tree when this adapter skips the component."""
+        if component not in self.params:
+            return {}, 0.0
+        return self.params[component], self.configs[component].scale * multiplier
+
+
+def weighted_layers(adapters: Sequence[tuple[LoraAdapter, float]], component: str) -> list[tuple[Params, float]]:
+    """`lora_scope` arguments for several adapters, each with its own multiplier."""
+    return [adapter.scope_layers(component, weight) for adapter, weight in adapters]
+
+
+def new_adapter(
+    rng: jax.Array,
+    pipe_params: dict[str, Params],
+    unet_config: LoraConfig,
+    text_encoder_config: LoraConfig | None = None,
+    base_model: str | None = None,
+) -> LoraAdapter:
+    """A fresh adapter for a pipeline's UNet (and optionally its text encoder)."""
+    unet_rng, text_rng = jax.random.split(rng)
+    params = {"unet": init_lora(unet_rng, pipe_params["unet"], unet_config)}
+    configs = {"unet": unet_config}
+    if text_encoder_config is not None:
+        params["text_encoder"] = init_lora(text_rng, pipe_params["text_encoder"], text_encoder_config)
+        configs["text_encoder"] = text_encoder_config
+    return LoraAdapter(params=params, configs=configs, base_model=base_model)

@@ -22,6 +22,26 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 logger = logging.getLogger(__name__)
 
+
+class _DropFlaxDeprecation(logging.Filter):
+    """diffusers/transformers warn once per Flax layer that Flax is deprecated; we pin them on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "classes are deprecated" not in record.getMessage()
+
+
+def _quiet_flax_deprecation() -> None:
+    """Drop that warning at the libraries' own handlers (child loggers do not inherit logger filters)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        for handler in library._get_library_root_logger().handlers:
+            handler.addFilter(_DropFlaxDeprecation())
+
+
+_quiet_flax_deprecation()
+
 Params = dict[str, Any]
 COMPONENTS = ("unet", "text_encoder", "vae")
 _CONFIG_FILES = ("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*")
@@ -166,12 +186,13 @@ def pt_to_flax_params(
             continue
         flax_key, value = match
         expected = tuple(shapes[flax_key].shape)
+        stored_shape = tuple(value.shape)
         if flax_key[-1] == "kernel" and "/" not in key:
             value = _pt_kernel_to_flax(value, expected)
         if tuple(value.shape) != expected:
             raise ValueError(
-                f"{source}: weight {key!r} has shape {tuple(value.shape)}, but the model config expects "
-                f"{expected} for {'/'.join(flax_key)}; is this checkpoint for another model?"
+                f"{source}: weight {key!r} has shape {stored_shape} (as Flax {tuple(value.shape)}), but the model "
+                f"config expects Flax {'/'.join(flax_key)} of shape {expected}; is this checkpoint for another model?"
             )
         flat[flax_key] = value
     missing = sorted("/".join(k) for k in shapes if k not in flat)

@@ -1,0 +1,891 @@
+"""LoRA training of Stable Diffusion: noise schedule, loss, optimizer, the sharded train step and the loop.
+
+Design:
+- Only the LoRA tree is a training parameter: `TrainState` holds the LoRA params, their optax state, the
+  step and the RNG key; the frozen base params are a separate, replicated argument of the step.
+- One `jax.jit` step over a `Mesh` with a single "data" axis: the batch is sharded over every device of
+  every process, params and optimizer state are replicated; gradient accumulation is a `lax.scan` over
+  micro-batches inside the step, so one call is one optimizer update.
+- A batch holds either pixels + token ids (the step runs VAE and text encoder) or cached VAE posterior
+  moments + text embeddings (the step only runs the UNet): `make_train_step` serves both and benchmarks.
+- Data position = step (see flax_lora.data), so an orbax checkpoint of TrainState plus the step
+  resumes exactly; SIGTERM saves one and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flax_lora.config import DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
+
+logger = logging.getLogger("flax_lora.train")
+
+DATA_AXIS = "data"
+_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+# --------------------------------------------------------------------------------------- noise schedule
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """DDPM forward process: cumulative alphas per timestep and the model's prediction target."""
+
+    alphas_cumprod: np.ndarray
+    prediction_type: str = "epsilon"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+
+def noise_schedule(scheduler_config: dict, prediction_type: str | None = None) -> NoiseSchedule:
+    """Build the training noise schedule from a diffusers scheduler config (any DDPM-family scheduler)."""
+    n = int(scheduler_config.get("num_train_timesteps", 1000))
+    kind = scheduler_config.get("beta_schedule", "linear")
+    start, end = float(scheduler_config.get("beta_start", 1e-4)), float(scheduler_config.get("beta_end", 0.02))
+    if scheduler_config.get("trained_betas") is not None:
+        betas = np.asarray(scheduler_config["trained_betas"], np.float64)
+    elif kind == "linear":
+        betas = np.linspace(start, end, n, dtype=np.float64)
+    elif kind == "scaled_linear":
+        betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+    elif kind == "squaredcos_cap_v2":
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
+    else:
+        raise ValueError(f"unsupported beta_schedule {kind!r} in the scheduler config")
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        # Shift and scale sqrt(alpha_bar) so the last timestep has zero SNR (Lin et al. 2023).
+        s = np.sqrt(alphas_cumprod)
+        s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+        alphas_cumprod = s**2
+    target = prediction_type or scheduler_config.get("prediction_type", "epsilon")
+    if target not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {target!r}")
+    return NoiseSchedule(alphas_cumprod.astype(np.float32), target)
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Noisy sample x_t and the training target (noise, or velocity for v_prediction)."""
+    a = jnp.asarray(schedule.alphas_cumprod)[t]
+    sa, s1a = _bcast(jnp.sqrt(a), x0), _bcast(jnp.sqrt(1.0 - a), x0)
+    x_t = sa * x0 + s1a * noise
+    target = noise if schedule.prediction_type == "epsilon" else sa * noise - s1a * x0
+    return x_t, target
+
+
+def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t."""
+    a = jnp.asarray(schedule.alphas_cumprod)[t]
+    return a / (1.0 - a)
+
+
+def diffusion_loss(
+    pred: jax.Array, target: jax.Array, t: jax.Array, schedule: NoiseSchedule, snr_gamma: float | None = None
+) -> jax.Array:
+    """MSE between prediction and target, optionally min-SNR-gamma weighted per sample (Hang et al. 2023)."""
+    per_sample = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=tuple(range(1, pred.ndim)))
+    if snr_gamma is None:
+        return per_sample.mean()
+    s = snr(schedule, t)
+    weight = jnp.minimum(s, snr_gamma)
+    weight = weight / s if schedule.prediction_type == "epsilon" else weight / (s + 1.0)
+    return (per_sample * weight).mean()
+
+
+# -------------------------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(
+    name: str, learning_rate: float, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0
+) -> optax.Schedule:
+    """Learning rate per optimizer step with the semantics of diffusers' `get_scheduler`."""
+    w, T = max(0, warmup_steps), max(1, total_steps)
+
+    def warm(step):
+        return jnp.where(step < w, step / max(1, w), 1.0)
+
+    def progress(step):
+        return jnp.clip((step - w) / max(1, T - w), 0.0, 1.0)
+
+    def fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        if name == "constant":
+            factor = jnp.ones_like(step)
+        elif name == "constant_with_warmup":
+            factor = warm(step)
+        elif name == "linear":
+            factor = jnp.where(step < w, warm(step), jnp.maximum(0.0, (T - step) / max(1, T - w)))
+        elif name == "cosine":
+            factor = jnp.where(step < w, warm(step), 0.5 * (1.0 + jnp.cos(jnp.pi * progress(step))))
+        elif name == "cosine_with_restarts":
+            p = progress(step)
+            restart = 0.5 * (1.0 + jnp.cos(jnp.pi * ((num_cycles * p) % 1.0)))
+            factor = jnp.where(step < w, warm(step), jnp.where(p >= 1.0, 0.0, restart))
+        elif name == "polynomial":
+            lr_end = 1e-7
+            decayed = (learning_rate - lr_end) * (1.0 - progress(step)) ** power + lr_end
+            factor = jnp.where(step < w, warm(step), decayed / learning_rate)
+        else:
+            raise ValueError(f"unknown lr_scheduler {name!r}")
+        return learning_rate * factor
+
+    return fn
+
+
+def make_optimizer(config: TrainConfig, total_steps: int, learning_rate: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and the configured learning-rate schedule."""
+    schedule = lr_schedule(
+        config.lr_scheduler, learning_rate, config.lr_warmup_steps, total_steps, config.lr_num_cycles, config.lr_power
+    )
+    parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm > 0 else []
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=config.adam_beta1,
+            b2=config.adam_beta2,
+            eps=config.adam_epsilon,
+            weight_decay=config.adam_weight_decay,
+        )
+    )
+    return optax.chain(*parts), schedule
+
+
+# ------------------------------------------------------------------------------------------ train state
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training: LoRA params, their optimizer state, step and RNG key."""
+
+    step: jax.Array
+    params: dict  # {"unet": lora tree, optional "text_encoder": lora tree}
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key, so orbax stores it as a plain array
+
+
+def create_train_state(lora_params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Fresh state for LoRA params (optimizer state covers the LoRA tree only)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=lora_params,
+        opt_state=optimizer.init(lora_params),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over all devices of all processes."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of batch arrays shaped (accum, global_batch, ...): rows split over the data axis."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
+def lora_scales(adapter_configs: dict) -> dict[str, float]:
+    """alpha / rank per component."""
+    return {k: float(c.scale) for k, c in adapter_configs.items()}
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def encode_text(pipe, te_params, input_ids, lora_tree=None, scale: float = 1.0):
+    """Last hidden state of the text encoder, with LoRA layers when a tree is given."""
+    from flax_lora.lora import lora_scope
+
+    if lora_tree is None:
+        return pipe.text_encoder(input_ids, params=te_params)[0]
+    with lora_scope((lora_tree, scale)):
+        return pipe.text_encoder(input_ids, params=te_params)[0]
+
+
+def predict_noise(pipe, unet_params, latents, t, text_embeddings, lora_tree=None, scale: float = 1.0):
+    """UNet output for NCHW latents, with LoRA layers when a tree is given."""
+    from flax_lora.lora import lora_scope
+
+    if lora_tree is None:
+        return pipe.unet.apply({"params": unet_params}, latents, t, text_embeddings).sample
+    with lora_scope((lora_tree, scale)):
+        return pipe.unet.apply({"params": unet_params}, latents, t, text_embeddings).sample
+
+
+class TrainStep:
+    """A jitted train step bound to frozen base params: `step(state, batch) -> (state, metrics)`."""
+
+    def __init__(self, jitted: Callable, base_params: dict, mesh: Mesh):
+        self.jitted = jitted
+        self.base_params = base_params
+        self.mesh = mesh
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.jitted(state, self.base_params, batch)
+
+    def compiled_count(self) -> int:
+        """How many times the step was traced/compiled (1 after any number of same-shaped calls)."""
+        return self.jitted._cache_size()
+
+
+def make_train_step(
+    pipe,
+    adapter_configs: dict,
+    optimizer: optax.GradientTransformation,
+    schedule: NoiseSchedule,
+    mesh: Mesh,
+    *,
+    base_params: dict | None = None,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    compute_dtype=jnp.float32,
+    lr_fn: optax.Schedule | None = None,
+) -> TrainStep:
+    """Jit one optimizer update over the mesh; batch = pixels+ids or cached latents+text embeddings, (accum, B, ...)."""
+    scales = lora_scales(adapter_configs)
+    scaling_factor = float(pipe.vae.config.scaling_factor)
+    train_te = "text_encoder" in adapter_configs
+    replicated = NamedSharding(mesh, P())
+    base = base_params if base_params is not None else pipe.params
+    base = jax.device_put(_cast(base, compute_dtype), replicated)
+
+    def micro_loss(lora, base, micro, rng):
+        k_lat, k_noise, k_off, k_t = jax.random.split(rng, 4)
+        if "latent_mean" in micro:
+            mean, std = micro["latent_mean"], micro["latent_std"]
+            latents = mean + std * jax.random.normal(k_lat, mean.shape, mean.dtype)
+        else:
+            dist = pipe.vae.apply(
+                {"params": base["vae"]}, micro["pixel_values"].astype(compute_dtype), method=pipe.vae.encode
+            ).latent_dist
+            latents = jnp.transpose(dist.sample(k_lat), (0, 3, 1, 2))  # Flax VAE is NHWC; the UNet takes NCHW
+        latents = jax.lax.stop_gradient(latents.astype(jnp.float32) * scaling_factor)
+        noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+        if noise_offset:
+            noise = noise + noise_offset * jax.random.normal(k_off, latents.shape[:2] + (1, 1), jnp.float32)
+        t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.num_train_timesteps)
+        noisy, target = add_noise(schedule, latents, noise, t)
+        lora_c = _cast(lora, compute_dtype)
+        if "text_embeddings" in micro:
+            emb = micro["text_embeddings"].astype(compute_dtype)
+        elif train_te:
+            emb = encode_text(pipe, base["text_encoder"], micro["input_ids"], lora_c["text_encoder"], scales["text_encoder"])
+        else:
+            emb = jax.lax.stop_gradient(encode_text(pipe, base["text_encoder"], micro["input_ids"]))
+        pred = predict_noise(pipe, base["unet"], noisy.astype(compute_dtype), t, emb, lora_c["unet"], scales["unet"])
+        return diffusion_loss(pred, target, t, schedule, snr_gamma)
+
+    grad_fn = jax.value_and_grad(micro_loss)
+
+    def step(state: TrainState, base: dict, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        keys = jax.random.split(step_rng, accum)
+
+        def body(carry, xs):
+            micro, key = xs
+            loss, grads = grad_fn(state.params, base, micro, key)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(body, zeros, (batch, keys))
+        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        if lr_fn is not None:
+            metrics["lr"] = lr_fn(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(replicated, replicated, batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    return TrainStep(jitted, base, mesh)
+
+
+# ------------------------------------------------------------------------------------ host <-> devices
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> list[int]:
+    """Global batch rows that live on this process's devices (the rows this process must load)."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((1, global_batch))
+    rows = set()
+    for idx in index_map.values():
+        rows.update(range(*idx[1].indices(global_batch)))
+    return sorted(rows)
+
+
+def put_batch(local: dict[str, np.ndarray], mesh: Mesh, global_batch: int, rows: list[int]) -> dict[str, jax.Array]:
+    """Assemble global sharded arrays from this process's rows (shaped (accum, len(rows), ...))."""
+    sharding = batch_sharding(mesh)
+    where = {r: i for i, r in enumerate(rows)}
+    out = {}
+    for key, arr in local.items():
+        shape = (arr.shape[0], global_batch) + arr.shape[2:]
+        pieces = []
+        for device, idx in sharding.addressable_devices_indices_map(shape).items():
+            sel = [where[r] for r in range(*idx[1].indices(global_batch))]
+            pieces.append(jax.device_put(arr[:, sel], device))
+        out[key] = jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+    return out
+
+
+def to_host(tree):
+    """Numpy copy of a replicated (possibly multi-process) pytree."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)
+
+
+# ---------------------------------------------------------------------------------------------- caching
+
+
+def _local_map(fn: Callable, inputs: np.ndarray, batch: int, extra=()) -> np.ndarray:
+    """Run a jitted fn over inputs in fixed-size chunks on this process's devices; returns numpy."""
+    local = jax.local_devices()
+    mesh = Mesh(np.asarray(local), (DATA_AXIS,))
+    batch = max(batch, len(local)) // len(local) * len(local)
+    sharded = NamedSharding(mesh, P(DATA_AXIS))
+    extra = jax.device_put(extra, NamedSharding(mesh, P()))
+    jitted = jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), sharded))
+    outs = []
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start : start + batch]
+        pad = batch - len(chunk)
+        if pad:  # fixed shapes: one compile for the whole pass
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        outs.append(np.asarray(jitted(extra, chunk))[: batch - pad])
+    return np.concatenate(outs)
+
+
+def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Encode every readable image once: (moments (n, flips, 2, C, h, w), valid indices). Bad images are dropped."""
+    from flax_lora.data import BadImageError, preprocess_image
+
+    images, valid = [], []
+    for i in range(len(data)):
+        try:
+            img = data.load_image(i)
+        except BadImageError as e:
+            if not config.skip_bad_images:
+                raise
+            logger.warning("skipping %s", e)
+            continue
+        # The crop is drawn once per image here: a cached run cannot re-crop every epoch.
+        rng = np.random.default_rng([config.seed or 0, 2, i])
+        images.append(preprocess_image(img, config.resolution, config.center_crop, False, rng))
+        valid.append(i)
+    if not valid:
+        raise ValueError(f"no readable training images in {data.source}")
+    pixels = np.stack(images)
+    if config.random_flip:
+        pixels = np.concatenate([pixels, pixels[..., ::-1]])
+
+    def encode(vae_params, x):
+        dist = pipe.vae.apply({"params": vae_params}, x.astype(dtype), method=pipe.vae.encode).latent_dist
+        moments = jnp.stack([dist.mean, dist.std], axis=1).astype(jnp.float32)  # (N, 2, h, w, C)
+        return jnp.transpose(moments, (0, 1, 4, 2, 3))
+
+    moments = _local_map(encode, pixels, batch, _cast(pipe.params["vae"], dtype))
+    flips = 2 if config.random_flip else 1
+    n = len(valid)
+    moments = moments.reshape(flips, n, *moments.shape[1:]).transpose(1, 0, *range(2, moments.ndim + 1))
+    # Index by example id; rows of bad images stay zero and are never sampled (not in `valid`).
+    table = np.zeros((len(data),) + moments.shape[1:], np.float32)
+    table[valid] = moments
+    return table, np.asarray(valid)
+
+
+def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> np.ndarray:
+    """Text-encoder output for each example's first caption, (n, L, D)."""
+    from flax_lora.data import tokenize
+
+    ids = tokenize(pipe.tokenizer, [data.captions(i)[0] for i in range(len(data))])
+    return _local_map(
+        lambda p, x: encode_text(pipe, p, x).astype(jnp.float32), ids, batch, _cast(pipe.params["text_encoder"], dtype)
+    )
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def make_sampler(pipe, adapter_configs: dict, schedule: NoiseSchedule, num_steps: int, guidance_scale: float,
+                 resolution: int, compute_dtype=jnp.float32) -> Callable:
+    """Jitted DDIM (eta=0) sampler with classifier-free guidance: fn(lora, base, ids, uncond_ids, rng) -> uint8 NHWC."""
+    scales = lora_scales(adapter_configs)
+    T = schedule.num_train_timesteps
+    stride = max(1, T // num_steps)
+    timesteps = np.arange(0, T, stride)[::-1][:num_steps].astype(np.int32)
+    ac = np.asarray(schedule.alphas_cumprod)
+    prev = np.concatenate([ac[timesteps[1:]], ac[:1]]).astype(np.float32)
+    h = resolution // pipe.vae_scale_factor
+    channels = pipe.unet.config.in_channels
+    sf = float(pipe.vae.config.scaling_factor)
+
+    def sample(lora, base, ids, uncond_ids, rng):
+        lora = _cast(lora, compute_dtype)
+        te_tree = lora.get("text_encoder")
+        te_scale = scales.get("text_encoder", 1.0)
+        cond = encode_text(pipe, base["text_encoder"], ids, te_tree, te_scale)
+        uncond = encode_text(pipe, base["text_encoder"], uncond_ids, te_tree, te_scale)
+        emb = jnp.concatenate([uncond, cond])
+        x = jax.random.normal(rng, (ids.shape[0], channels, h, h), jnp.float32)
+
+        def body(i, x):
+            t, a, a_prev = jnp.asarray(timesteps)[i], jnp.asarray(ac)[jnp.asarray(timesteps)[i]], jnp.asarray(prev)[i]
+            tt = jnp.full((2 * x.shape[0],), t)
+            out = predict_noise(pipe, base["unet"], jnp.concatenate([x, x]).astype(compute_dtype), tt, emb,
+                                lora["unet"], scales["unet"]).astype(jnp.float32)
+            out_u, out_c = jnp.split(out, 2)
+            out = out_u + guidance_scale * (out_c - out_u)
+            if schedule.prediction_type == "v_prediction":
+                x0 = jnp.sqrt(a) * x - jnp.sqrt(1 - a) * out
+                eps = jnp.sqrt(a) * out + jnp.sqrt(1 - a) * x
+            else:
+                eps = out
+                x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+            return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
+
+        x = jax.lax.fori_loop(0, len(timesteps), body, x)
+        img = pipe.vae.apply({"params": base["vae"]}, (x / sf).astype(compute_dtype), method=pipe.vae.decode).sample
+        img = jnp.clip((img.astype(jnp.float32) + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
+        return jnp.transpose(img, (0, 2, 3, 1))
+
+    return jax.jit(sample)
+
+
+# --------------------------------------------------------------------------------------- checkpointing
+
+
+class Checkpointer:
+    """Orbax checkpoints of TrainState + JSON metadata under OUTPUT_DIR/checkpoints/<step>; written atomically."""
+
+    def __init__(self, directory: str, max_to_keep: int | None = None):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False),
+            item_names=("state", "meta"),
+        )
+
+    def save(self, state: TrainState, meta: dict) -> str:
+        """Save a checkpoint for state.step (all processes must call it); returns its folder."""
+        step = int(to_host(state.step))
+        self.manager.save(
+            step,
+            args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state), meta=self.ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+        return os.path.join(self.directory, str(step))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """Restore state (with the shardings of `abstract_state`) and metadata of a step."""
+        restored = self.manager.restore(
+            step,
+            args=self.ocp.args.Composite(
+                state=self.ocp.args.StandardRestore(abstract_state), meta=self.ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def resolve_resume(resume: str, output_dir: str) -> tuple[str, int | None]:
+    """(checkpoints folder, step) for --resume_from_checkpoint 'latest' or a checkpoint folder path."""
+    if resume == "latest":
+        return os.path.join(output_dir, "checkpoints"), None
+    path = os.path.abspath(os.path.expanduser(resume.rstrip("/")))
+    name = os.path.basename(path)
+    if not name.isdigit() or not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume}: expected a checkpoint folder like OUTPUT_DIR/checkpoints/500 "
+            "or 'latest'"
+        )
+    return os.path.dirname(path), int(name)
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+def save_loss_plot(history: list[tuple[int, float]], path: str) -> None:
+    """Write a PNG of the loss per step with a moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps, losses = np.asarray(history, np.float64).T
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
+    k = max(1, len(losses) // 20)
+    if k > 1:
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls, so a preempted run saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:  # multi-process runs use JAX's own preemption notifier
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread
+                self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def check(self, step: int) -> bool:
+        """True once a preemption was signalled (all processes agree on the step in multi-process runs)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # preemption service not enabled
+                return False
+        return self.requested
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
+    """With no model and data flags: tiny pipeline + built-in shapes, and small-run defaults for unset flags."""
+    from flax_lora.data import build_tiny_dataset
+    from flax_lora.tiny import build_tiny_pipeline
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    tiny = dict(
+        resolution=64,
+        train_batch_size=4,
+        max_train_steps=300,
+        learning_rate=1e-3,
+        lr_warmup_steps=0,
+        rank=8,
+        checkpointing_steps=100,
+        validation_prompt="a red circle on a white background",
+        num_validation_images=2,
+        validation_epochs=20,
+        num_inference_steps=20,
+        output_dir="tiny-lora-output",
+        center_crop=True,
+    )
+    changes = {k: v for k, v in tiny.items() if getattr(config, k) == defaults[k]}
+    changes["pretrained_model_name_or_path"] = build_tiny_pipeline(os.path.expanduser(DEFAULT_TINY_MODEL))
+    if config.dataset_name is None and config.train_data_dir is None:
+        changes["train_data_dir"] = DEFAULT_TINY_DATA
+        if jax.process_index() == 0:
+            build_tiny_dataset(DEFAULT_TINY_DATA, resolution=64)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tiny dataset built")
+    return dataclasses.replace(config, **changes)
+
+
+def init_distributed(config: TrainConfig) -> None:
+    """Start jax.distributed when several processes are configured (flags or cluster auto-detection)."""
+    if config.coordinator_address is not None:
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
+    elif config.multihost:
+        jax.distributed.initialize()
+
+
+def _quiet_libraries() -> None:
+    """Hide the Flax-deprecation warnings diffusers/transformers print for every module."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
+    for name in ("diffusers", "transformers"):
+        try:
+            __import__(f"{name}.utils", fromlist=["logging"]).logging.set_verbosity_error()
+        except Exception:
+            pass
+
+
+def main(config: TrainConfig) -> dict:
+    """Train a LoRA adapter as configured; returns a summary (paths, final step, losses)."""
+    from tqdm.auto import tqdm
+
+    from flax_lora.data import BatchLoader, load_training_data
+    from flax_lora.formats import save_adapter
+    from flax_lora.loading import load_pipeline
+    from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraAdapter, LoraConfig, UNET_TARGETS, new_adapter
+
+    _quiet_libraries()
+    init_distributed(config)
+    if config.uses_builtin_defaults:
+        config = apply_builtin_defaults(config)
+    is_main = jax.process_index() == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "matplotlib"):  # orbax logs every file rename at INFO through absl
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    seed = 0 if config.seed is None else config.seed
+    output_dir = os.path.abspath(os.path.expanduser(config.output_dir))
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+
+    compute_dtype = _DTYPES[config.mixed_precision]
+    if config.mixed_precision == "fp16":
+        logger.warning("fp16 trains without loss scaling here; prefer --mixed_precision bf16 where the hardware has it")
+    pipe = load_pipeline(
+        config.pretrained_model_name_or_path, config.revision, config.variant, dtype=compute_dtype, param_dtype=compute_dtype
+    )
+    schedule = noise_schedule(pipe.scheduler_config, config.prediction_type)
+    data = load_training_data(config)
+
+    mesh = make_mesh()
+    n_dev = jax.device_count()
+    global_batch = config.train_batch_size * n_dev
+    accum = config.gradient_accumulation_steps
+    rows = process_rows(mesh, global_batch)
+
+    latent_cache = text_cache = valid = None
+    if config.cache_latents:
+        logger.info("caching VAE latents of %d images", len(data))
+        latent_cache, valid = cache_latents(pipe, data, config, config.train_batch_size * jax.local_device_count(), compute_dtype)
+    if config.cache_text_embeddings:
+        logger.info("caching text embeddings of %d captions", len(data))
+        text_cache = cache_text(pipe, data, config.train_batch_size * jax.local_device_count(), compute_dtype)
+    loader = BatchLoader(
+        data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed,
+        center_crop=config.center_crop, random_flip=config.random_flip, skip_bad_images=config.skip_bad_images,
+        num_workers=config.dataloader_num_workers, latent_cache=latent_cache, text_cache=text_cache, valid=valid,
+    )
+    per_step = global_batch * accum
+    steps_per_epoch = math.ceil(loader.num_examples / per_step)
+    total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    learning_rate = config.learning_rate * (accum * global_batch if config.scale_lr else 1)
+
+    # LoRA params and optimizer.
+    configs = {"unet": LoraConfig(config.rank, config.lora_alpha, UNET_TARGETS)}
+    if config.train_text_encoder:
+        configs["text_encoder"] = LoraConfig(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS)
+    adapter = new_adapter(
+        jax.random.PRNGKey(seed + 1), pipe.params, configs["unet"], configs.get("text_encoder"), base_model=pipe.name
+    )
+    lora_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(adapter.params))
+    optimizer, lr_fn = make_optimizer(config, total_steps, learning_rate)
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(create_train_state(lora_params, optimizer, seed), replicated)
+    train_step = make_train_step(
+        pipe, configs, optimizer, schedule, mesh, snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
+        compute_dtype=compute_dtype, lr_fn=lr_fn,
+    )
+
+    # Checkpoints and resume.
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    history: list[tuple[int, float]] = []
+    if config.resume_from_checkpoint:
+        ckpt_dir, resume_step = resolve_resume(config.resume_from_checkpoint, output_dir)
+    checkpointer = Checkpointer(ckpt_dir, config.checkpoints_total_limit)
+    if config.resume_from_checkpoint:
+        resume_step = resume_step if resume_step is not None else checkpointer.latest_step()
+        if resume_step is None:
+            logger.info("no checkpoint in %s; starting a new run", ckpt_dir)
+        else:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            state, meta = checkpointer.restore(resume_step, abstract)
+            history = [tuple(h) for h in meta.get("loss_history", [])]
+            if meta.get("samples_per_step") != per_step or meta.get("seed") != seed:
+                logger.warning(
+                    "checkpoint was written with %s samples/step and seed %s; this run has %d and %d, so the data "
+                    "order differs from an uninterrupted run", meta.get("samples_per_step"), meta.get("seed"), per_step, seed,
+                )
+            logger.info("resumed from %s at step %d", os.path.join(ckpt_dir, str(resume_step)), resume_step)
+
+    writer = None
+    if is_main and config.report_to == "tensorboard":
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(output_dir, config.logging_dir))
+
+    sampler = None
+
+    def validate(step: int, final: bool = False) -> list[str]:
+        nonlocal sampler
+        if not config.validation_prompt or config.num_validation_images < 1:
+            return []
+        from PIL import Image
+
+        from flax_lora.data import tokenize
+
+        if sampler is None:
+            sampler = make_sampler(pipe, configs, schedule, config.num_inference_steps, config.guidance_scale,
+                                   config.resolution, compute_dtype)
+        n = config.num_validation_images
+        ids = tokenize(pipe.tokenizer, [config.validation_prompt] * n)
+        uncond = tokenize(pipe.tokenizer, [""] * n)
+        images = np.asarray(jax.device_get(sampler(
+            to_host(state.params), {k: pipe.params[k] for k in ("unet", "text_encoder", "vae")}, ids, uncond,
+            jax.random.PRNGKey(seed + 2),
+        )))
+        paths = []
+        if is_main:
+            folder = os.path.join(output_dir, "samples")
+            os.makedirs(folder, exist_ok=True)
+            for i, img in enumerate(images):
+                paths.append(os.path.join(folder, f"{'final' if final else f'step{step:06d}'}_{i}.png"))
+                Image.fromarray(img).save(paths[-1])
+            if writer is not None:
+                writer.add_images("validation" + ("/final" if final else ""), images, step, dataformats="NHWC")
+        return paths
+
+    start_step = int(to_host(state.step))
+    meta_base = {"samples_per_step": per_step, "seed": seed, "num_examples": loader.num_examples}
+
+    def save_checkpoint() -> str:
+        meta = dict(meta_base, step=int(to_host(state.step)), data_position=int(to_host(state.step)) * per_step,
+                    bad_images=len(loader.bad_images), loss_history=history)
+        return checkpointer.save(state, meta)
+
+    logger.info(
+        "training: %d examples, %d devices (%d processes), global batch %d x %d accumulation, %d steps (%d epochs), "
+        "lr %g", loader.num_examples, n_dev, jax.process_count(), global_batch, accum, total_steps, num_epochs, learning_rate,
+    )
+    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="steps", dynamic_ncols=True)
+    pending = None  # metrics of the last dispatched step, read one step late to keep the device busy
+    preempted = False
+    last_saved = start_step
+    t_last = time.perf_counter()
+
+    def drain(pending) -> None:
+        nonlocal t_last
+        step, metrics = pending
+        m = {k: float(v) for k, v in to_host(metrics).items()}
+        if not math.isfinite(m["loss"]):
+            raise FloatingPointError(
+                f"loss is {m['loss']} at step {step}; stopping without saving. The last good checkpoint in "
+                f"{checkpointer.directory} is intact (resume with --resume_from_checkpoint latest); try a lower "
+                "--learning_rate, --max_grad_norm, or bf16 instead of fp16."
+            )
+        now = time.perf_counter()
+        ips = per_step / max(now - t_last, 1e-9)
+        t_last = now
+        history.append((step, m["loss"]))
+        bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{ips:.1f}", refresh=False)
+        bar.update(1)
+        if writer is not None:
+            for k, v in m.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            writer.add_scalar("train/images_per_sec", ips, step)
+
+    with _Preemption() as preemption:
+        try:
+            for step in range(start_step, total_steps):
+                batch = put_batch(loader.batch(step), mesh, global_batch, rows)
+                state, metrics = train_step(state, batch)
+                if pending is not None:
+                    drain(pending)
+                pending = (step + 1, metrics)
+                done = step + 1
+                epoch_end = done % steps_per_epoch == 0 or done == total_steps
+                stop = preemption.check(done)
+                if done % config.checkpointing_steps == 0 or stop:
+                    drain(pending)
+                    pending = None
+                    path = save_checkpoint()
+                    last_saved = done
+                    logger.info("saved checkpoint %s", path)
+                    if stop:
+                        preempted = True
+                        logger.warning("preempted (SIGTERM): saved step %d; resume with --resume_from_checkpoint latest", done)
+                        break
+                if epoch_end and done != total_steps and (done // steps_per_epoch) % config.validation_epochs == 0:
+                    if pending is not None:
+                        drain(pending)
+                        pending = None
+                    validate(done)
+            if pending is not None:
+                drain(pending)
+        finally:
+            bar.close()
+            loader.close()
+
+    final_step = int(to_host(state.step))
+    result = {"output_dir": output_dir, "step": final_step, "loss_history": history, "preempted": preempted,
+              "bad_images": len(loader.bad_images)}
+    if not preempted and final_step != last_saved:
+        save_checkpoint()
+    checkpointer.close()
+    if preempted:
+        return result
+    if loader.bad_images:
+        logger.warning("%d unreadable images were skipped", len(loader.bad_images))
+
+    # Final outputs (process 0 writes; every process takes part in sampling).
+    final_adapter = LoraAdapter(params=to_host(state.params), configs=configs, base_model=pipe.name)
+    samples = validate(final_step, final=True)
+    if is_main:
+        adapter_path = os.path.join(output_dir, "pytorch_lora_weights.safetensors")
+        save_adapter(final_adapter, adapter_path, format="diffusers")
+        save_loss_plot(history, os.path.join(output_dir, "loss.png"))
+        with open(os.path.join(output_dir, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
+        logger.info("wrote %s", adapter_path)
+        result.update(adapter=adapter_path, samples=samples, loss_plot=os.path.join(output_dir, "loss.png"))
+    if writer is not None:
+        writer.close()
+    return result

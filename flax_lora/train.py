@@ -138,7 +138,8 @@ def lr_schedule(
         elif name == "linear":
             factor = jnp.where(step < w, warm(step), jnp.maximum(0.0, (T - step) / max(1, T - w)))
         elif name == "cosine":
-            factor = jnp.where(step < w, warm(step), 0.5 * (1.0 + jnp.cos(jnp.pi * progress(step))))
+            p = (step - w) / max(1, T - w)  # unclipped, as diffusers: past the end the cosine rises again
+            factor = jnp.where(step < w, warm(step), jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * p))))
         elif name == "cosine_with_restarts":
             p = progress(step)
             restart = 0.5 * (1.0 + jnp.cos(jnp.pi * ((num_cycles * p) % 1.0)))
@@ -318,7 +319,7 @@ def make_train_step(
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

@@ -1,0 +1,256 @@
+"""Training: schedules match diffusers, the sharded step, loss goes down (in JAX and PyTorch), exact resume."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flax_lora import train as T
+from flax_lora.config import TrainConfig
+from flax_lora.data import BatchLoader, build_tiny_dataset, load_image_folder, preprocess_image, tokenize
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Share compiled programs between the several short runs of this module (each run re-jits its step)."""
+    old = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    T._quiet_libraries()
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1_path):
+    from flax_lora.loading import load_pipeline
+
+    return load_pipeline(tiny_sd1_path)
+
+
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory):
+    return build_tiny_dataset(tmp_path_factory.mktemp("data") / "two", num_images=2, resolution=64)
+
+
+# ------------------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_noising_matches_diffusers_ddpm(beta_schedule, prediction_type):
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    sched = T.noise_schedule(dict(ref.config))
+    np.testing.assert_allclose(sched.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-4)
+    rng = np.random.default_rng(0)
+    x0, noise = rng.normal(size=(2, 4, 3, 3)).astype(np.float32), rng.normal(size=(2, 4, 3, 3)).astype(np.float32)
+    t = np.array([10, 900])
+    x_t, target = T.add_noise(sched, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+    tx0, tn, tt = torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
+    np.testing.assert_allclose(x_t, ref.add_noise(tx0, tn, tt).numpy(), atol=1e-5)
+    expected = tn if prediction_type == "epsilon" else ref.get_velocity(tx0, tn, tt)
+    np.testing.assert_allclose(target, expected.numpy(), atol=1e-5)
+
+
+def test_min_snr_weighting():
+    sched = T.noise_schedule({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    t = jnp.array([5, 500])
+    pred, target = jnp.ones((2, 4)), jnp.zeros((2, 4))
+    snr = np.asarray(T.snr(sched, t))
+    assert snr[0] > 5 > snr[1]  # low noise: weight gamma/snr; high noise: weight 1
+    expected = np.mean([5.0 / snr[0], 1.0])
+    np.testing.assert_allclose(T.diffusion_loss(pred, target, t, sched, snr_gamma=5.0), expected, rtol=1e-5)
+    assert float(T.diffusion_loss(pred, target, t, sched)) == 1.0
+
+
+@pytest.mark.parametrize(
+    "name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+)
+def test_lr_schedules_match_diffusers(name):
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    ref = get_scheduler(name, opt, num_warmup_steps=5, num_training_steps=30, num_cycles=2, power=2.0)
+    fn = T.lr_schedule(name, 1e-3, 5, 30, num_cycles=2, power=2.0)
+    for step in range(32):
+        np.testing.assert_allclose(float(fn(step)), opt.param_groups[0]["lr"], rtol=1e-4, atol=1e-10, err_msg=f"step {step}")
+        opt.step()
+        ref.step()
+
+
+# ------------------------------------------------------------------------------------- the step
+
+
+def test_sharded_step_trains_lora_only_and_compiles_once(pipe, two_images):
+    from flax_lora.lora import LoraConfig, new_adapter
+
+    assert jax.device_count() == 8
+    mesh = T.make_mesh()
+    config = TrainConfig(resolution=64, learning_rate=1e-2, lr_warmup_steps=0)
+    configs = {"unet": LoraConfig(4)}
+    adapter = new_adapter(jax.random.PRNGKey(1), pipe.params, configs["unet"])
+    optimizer, lr_fn = T.make_optimizer(config, 10, config.learning_rate)
+    base_before = jax.tree.map(np.array, pipe.params)
+    state = jax.device_put(T.create_train_state(adapter.params, optimizer, 0), NamedSharding(mesh, P()))
+    lora_before = jax.tree.map(np.array, state.params)
+    step = T.make_train_step(
+        pipe, configs, optimizer, T.noise_schedule(pipe.scheduler_config), mesh, snr_gamma=5.0, lr_fn=lr_fn
+    )
+    data = load_image_folder(two_images)
+    rows = T.process_rows(mesh, 8)
+    loader = BatchLoader(data, pipe.tokenizer, 64, global_batch=8, rows=rows, accum=2, random_flip=True)
+    for i in range(2):
+        state, metrics = step(state, T.put_batch(loader.batch(i), mesh, 8, rows))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    assert step.compiled_count() == 1  # the second call reused the first compile
+    assert int(state.step) == 2
+    assert state.params["unet"] is not None
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), lora_before, state.params)
+    assert all(jax.tree.leaves(changed["unet"]))  # every LoRA leaf moved (up starts at 0, down gets grads after)
+    same = jax.tree.map(lambda a, b: np.array_equal(a, np.asarray(b)), base_before, pipe.params)
+    assert all(jax.tree.leaves(same))
+    # The batch is split over all 8 devices; params are replicated.
+    batch = T.put_batch(loader.batch(2), mesh, 8, rows)
+    assert len(batch["pixel_values"].sharding.device_set) == 8
+    assert batch["pixel_values"].addressable_shards[0].data.shape[1] == 1
+    assert jax.tree.leaves(state.params)[0].sharding.is_fully_replicated
+
+
+# ------------------------------------------------------------------------------- end-to-end runs
+
+
+def _config(tiny_path, data_dir, out_dir, **kw) -> TrainConfig:
+    base = dict(
+        pretrained_model_name_or_path=tiny_path,
+        train_data_dir=data_dir,
+        output_dir=str(out_dir),
+        resolution=64,
+        center_crop=True,
+        train_batch_size=1,
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        rank=4,
+        cache_latents=True,
+        cache_text_embeddings=True,
+        report_to="none",
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _eval_batch(pipe, data_dir):
+    """Fixed latents, noise, timesteps and text embeddings for a deterministic denoising loss."""
+    data = load_image_folder(data_dir)
+    pixels = np.stack(
+        [preprocess_image(data.load_image(i), 64, True, False, np.random.default_rng(0)) for i in range(len(data))]
+    )
+    ids = tokenize(pipe.tokenizer, [data.captions(i)[0] for i in range(len(data))])
+    t = np.array([50, 200, 400, 600, 800], np.int32)
+    pixels, ids = np.repeat(pixels, len(t), 0), np.repeat(ids, len(t), 0)
+    t = np.tile(t, len(data))
+    noise = np.random.default_rng(1).normal(size=(len(t), 4, 8, 8)).astype(np.float32)
+    return pixels, ids, t, noise
+
+
+def _jax_eval_loss(pipe, lora_tree, scale, pixels, ids, t, noise) -> float:
+    dist = pipe.vae.apply({"params": pipe.params["vae"]}, pixels, method=pipe.vae.encode).latent_dist
+    latents = jnp.transpose(dist.mean, (0, 3, 1, 2)) * pipe.vae.config.scaling_factor
+    sched = T.noise_schedule(pipe.scheduler_config)
+    noisy, target = T.add_noise(sched, latents, jnp.asarray(noise), jnp.asarray(t))
+    emb = T.encode_text(pipe, pipe.params["text_encoder"], ids)
+    pred = T.predict_noise(pipe, pipe.params["unet"], noisy, jnp.asarray(t), emb, lora_tree, scale)
+    return float(jnp.mean((pred - target) ** 2))
+
+
+def _torch_eval_loss(sd, pixels, ids, t, noise) -> float:
+    with torch.no_grad():
+        latents = sd.vae.encode(torch.from_numpy(pixels)).latent_dist.mean * sd.vae.config.scaling_factor
+        tt = torch.from_numpy(t).long()
+        tn = torch.from_numpy(noise)
+        noisy = sd.scheduler.add_noise(latents, tn, tt)
+        emb = sd.text_encoder(torch.from_numpy(ids).long())[0]
+        pred = sd.unet(noisy, tt, emb).sample
+        return float(torch.mean((pred - tn) ** 2))
+
+
+def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, two_images, pipe, tmp_path):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from flax_lora.formats import load_adapter
+
+    result = T.main(_config(tiny_sd1_path, two_images, tmp_path / "run", max_train_steps=40, checkpointing_steps=1000))
+    out = tmp_path / "run"
+    adapter_file = out / "pytorch_lora_weights.safetensors"
+    assert result["step"] == 40 and adapter_file.is_file() and (out / "loss.png").is_file()
+
+    batch = _eval_batch(pipe, two_images)
+    adapter = load_adapter(str(adapter_file), pipe.params)
+    base_loss = _jax_eval_loss(pipe, None, 1.0, *batch)
+    lora_loss = _jax_eval_loss(pipe, *adapter.scope_layers("unet"), *batch)
+    assert lora_loss < 0.9 * base_loss, (base_loss, lora_loss)
+
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd1_path, safety_checker=None)
+    sd.scheduler = DDPMScheduler.from_config(sd.scheduler.config)
+    torch_base = _torch_eval_loss(sd, *batch)
+    sd.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    torch_lora = _torch_eval_loss(sd, *batch)
+    np.testing.assert_allclose(torch_base, base_loss, rtol=2e-3)
+    np.testing.assert_allclose(torch_lora, lora_loss, rtol=2e-3)
+    assert torch_lora < 0.9 * torch_base, (torch_base, torch_lora)
+
+
+def test_preempt_and_resume_equals_straight_run(tiny_sd1_path, two_images, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    kw = dict(max_train_steps=10, checkpointing_steps=100, snr_gamma=5.0, noise_offset=0.05, random_flip=True,
+              gradient_accumulation_steps=2)
+    straight = T.main(_config(tiny_sd1_path, two_images, tmp_path / "straight", **kw))
+    assert straight["step"] == 10
+
+    # SIGTERM arrives while step 5 is loaded: the run saves step 5 and returns without an adapter.
+    original = BatchLoader.batch
+
+    def batch_then_sigterm(self, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step)
+
+    monkeypatch.setattr(BatchLoader, "batch", batch_then_sigterm)
+    first = T.main(_config(tiny_sd1_path, two_images, tmp_path / "resumed", **kw))
+    monkeypatch.setattr(BatchLoader, "batch", original)
+    assert first["preempted"] and first["step"] == 5
+    assert not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()
+    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "5" / "meta" / "metadata").read_text())
+    assert meta["step"] == 5 and meta["data_position"] == 5 * 16
+
+    second = T.main(_config(tiny_sd1_path, two_images, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    assert second["step"] == 10
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal([l for _, l in straight["loss_history"]], [l for _, l in second["loss_history"]])
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_sd1_path, two_images, tmp_path):
+    cfg = _config(tiny_sd1_path, two_images, tmp_path / "nan", max_train_steps=4, checkpointing_steps=2)
+    T.main(cfg)
+    good = sorted(os.listdir(tmp_path / "nan" / "checkpoints"))
+    assert good == ["2", "4"]
+    with pytest.raises(FloatingPointError, match="loss is nan at step 5.*last good checkpoint"):
+        T.main(_config(tiny_sd1_path, two_images, tmp_path / "nan", max_train_steps=8, checkpointing_steps=2,
+                       noise_offset=float("nan"), resume_from_checkpoint="latest"))
+    assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == good

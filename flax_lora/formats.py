@@ -134,7 +134,8 @@ def save_adapter(
         target = target / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)
     target.parent.mkdir(parents=True, exist_ok=True)
     tensors, metadata = adapter_state_dict(adapter, format)
-    tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in tensors.items()}
+    # C order: safetensors writes raw memory, and transposed views are not C-contiguous; 0-d alphas stay 0-d.
+    tensors = {k: np.array(v, dtype=dtype, order="C") for k, v in tensors.items()}
     # Write beside the target and rename: a crash or a full disk never leaves a half-written adapter.
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -58,6 +59,32 @@ _WEIGHT_STEMS = (
 _FLAX_RENAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
 # Buffers PyTorch saves that are not parameters.
 _IGNORED_PT_KEYS = re.compile(r"(position_ids|num_batches_tracked)$")
+
+
+def _exact_geglu(next_fun, args, kwargs, context):
+    """Compute diffusers' Flax GEGLU with the exact (erf) GELU that PyTorch and the checkpoints use."""
+    from diffusers.models.attention_flax import FlaxGEGLU
+
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, FlaxGEGLU):
+        return next_fun(*args, **kwargs)
+    # diffusers' Flax port uses tanh-approximate GELU here, which alone doubles the error against PyTorch.
+    hidden, gate = jnp.split(module.proj(args[0]), 2, axis=-1)
+    return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+def _exact_unet_class():
+    """FlaxUNet2DConditionModel whose feed-forward GELU matches PyTorch's; weights and API are unchanged."""
+    from diffusers import FlaxUNet2DConditionModel
+    from diffusers.configuration_utils import flax_register_to_config
+
+    @flax_register_to_config
+    class ExactGeluFlaxUNet(FlaxUNet2DConditionModel):
+        def __call__(self, *args, **kwargs):
+            with nn.intercept_methods(_exact_geglu):
+                return super().__call__(*args, **kwargs)
+
+    return ExactGeluFlaxUNet
 
 
 @dataclass
@@ -238,11 +265,11 @@ def load_pipeline(
     param_dtype: jnp.dtype = jnp.float32,
 ) -> SDPipeline:
     """Load UNet, text encoder, VAE, tokenizer and scheduler config of a diffusers pipeline into Flax."""
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from diffusers import FlaxAutoencoderKL
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
     folder = Path(resolve_pipeline_folder(name_or_path, revision, variant))
-    unet = FlaxUNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json"), dtype=dtype)
+    unet = _exact_unet_class().from_config(_read_json(folder / "unet" / "config.json"), dtype=dtype)
     vae = FlaxAutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"), dtype=dtype)
     text_config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))
     text_encoder = FlaxCLIPTextModel(text_config, dtype=dtype, _do_init=False)

@@ -383,7 +383,8 @@ def _local_map(fn: Callable, inputs: np.ndarray, batch: int, extra=()) -> np.nda
         pad = batch - len(chunk)
         if pad:  # fixed shapes: one compile for the whole pass
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        outs.append(np.asarray(jitted(extra, chunk))[: batch - pad])
+        # Explicit device_put: in multi-process runs jit refuses numpy inputs with non-replicated shardings.
+        outs.append(np.asarray(jitted(extra, jax.device_put(chunk, sharded)))[: batch - pad])
     return np.concatenate(outs)
 
 
@@ -643,6 +644,9 @@ def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
 
 def init_distributed(config: TrainConfig) -> None:
     """Start jax.distributed when several processes are configured (flags or cluster auto-detection)."""
+    if config.coordinator_address is not None or config.multihost:
+        # CPU-only processes need an explicit collectives backend; GPU/TPU ignore this option.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if config.coordinator_address is not None:
         jax.distributed.initialize(
             coordinator_address=config.coordinator_address,

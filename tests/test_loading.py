@@ -39,7 +39,7 @@ def test_flax_pipeline_matches_pytorch(kind, tiny_sd1_path, tiny_sd2_path):
         decoded_pt = torch_pipe.vae.decode(torch.from_numpy(latents)).sample
     text, noise, mean, decoded = _flax_outputs(pipe, ids, latents, jnp.asarray(timesteps), image)
     np.testing.assert_allclose(text, text_pt.numpy(), atol=1e-5)
-    np.testing.assert_allclose(noise, noise_pt.numpy(), atol=2e-4)
+    np.testing.assert_allclose(noise, noise_pt.numpy(), atol=1e-5)
     np.testing.assert_allclose(mean, mean_pt.numpy(), atol=1e-5)
     np.testing.assert_allclose(decoded, decoded_pt.numpy(), atol=1e-4)
     assert pipe.vae_scale_factor == 8

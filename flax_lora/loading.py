@@ -159,7 +159,8 @@ def resolve_pipeline_folder(name_or_path: str, revision: str | None = None, vari
         ) from e
     wanted = [f for c in COMPONENTS for f in weight_files(files, c, variant)]
     for index in [f for f in wanted if f.endswith(".json")]:
-        wanted.append(index.split(".")[0] + "*")  # the shards an index names
+        stem, framework = index.split(".index")[0].rsplit(".", 1)
+        wanted.append(f"{stem}*.{framework}")  # the shards an index names
     return snapshot_download(name_or_path, revision=revision, allow_patterns=list(_CONFIG_FILES) + wanted)
 
 

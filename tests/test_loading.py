@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +125,39 @@ def test_missing_folder_or_component_is_a_clear_error(tmp_path):
 def test_build_tiny_pipeline_rejects_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny pipeline kind 'sdxl'"):
         build_tiny_pipeline(tmp_path / "x", kind="sdxl")
+
+
+def test_sharded_checkpoint_loads(tiny_sd1_path, tmp_path):
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_sd1_path, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    UNet2DConditionModel.from_pretrained(tiny_sd1_path, subfolder="unet").save_pretrained(folder / "unet", max_shard_size="1MB")
+    assert len(list((folder / "unet").glob("*.safetensors"))) > 1
+    reference = load_pipeline(tiny_sd1_path).params["unet"]
+    for a, b in zip(jax_leaves(reference), jax_leaves(load_pipeline(str(folder)).params["unet"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_hub_id_downloads_only_the_chosen_weights(tiny_sd1_path, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    repo_files = [str(p.relative_to(tiny_sd1_path)) for p in sorted(Path(tiny_sd1_path).rglob("*")) if p.is_file()]
+    repo_files += ["unet/diffusion_pytorch_model.bin", "unet/diffusion_flax_model.msgpack", "safety_checker/model.safetensors"]
+    requests = {}
+
+    def list_repo_files(repo_id, revision=None):
+        requests["listed"] = (repo_id, revision)
+        return repo_files
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        requests["allow_patterns"] = allow_patterns
+        return tiny_sd1_path
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    pipe = load_pipeline("someone/tiny-sd", revision="v1")
+    assert requests["listed"] == ("someone/tiny-sd", "v1")
+    patterns = requests["allow_patterns"]
+    assert "unet/diffusion_pytorch_model.safetensors" in patterns and "text_encoder/model.safetensors" in patterns
+    assert not any(p.endswith((".bin", ".msgpack")) or p.startswith("safety_checker") for p in patterns)
+    assert pipe.name == "someone/tiny-sd" and pipe.path == tiny_sd1_path

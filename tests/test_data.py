@@ -117,3 +117,13 @@ def test_cached_latents_and_text_are_gathered(shapes_dir):
     assert batch["latent_mean"].shape == (1, 3, 4, 2, 2)
     idx = [loader.example_at(3 + r) for r in range(3)]
     np.testing.assert_array_equal(batch["text_embeddings"][0], text[idx])
+
+
+def test_hf_datasets_path_reads_an_imagefolder(shapes_dir):
+    from flax_lora.data import load_hf_dataset
+
+    data = load_hf_dataset(shapes_dir, image_column="image", caption_column="text", max_samples=5)
+    assert len(data) == 5
+    assert data.load_image(0).size == (32, 32) and "white background" in data.captions(0)[0]
+    with pytest.raises(ValueError, match="column 'prompt' not found.*--caption_column"):
+        load_hf_dataset(shapes_dir, caption_column="prompt")

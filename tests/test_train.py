@@ -165,13 +165,17 @@ def _eval_batch(pipe, data_dir):
 
 
 def _jax_eval_loss(pipe, lora_tree, scale, pixels, ids, t, noise) -> float:
+    return float(jax.jit(lambda tree: _eval_loss_fn(pipe, tree, scale, pixels, ids, t, noise))(lora_tree))
+
+
+def _eval_loss_fn(pipe, lora_tree, scale, pixels, ids, t, noise):
     dist = pipe.vae.apply({"params": pipe.params["vae"]}, pixels, method=pipe.vae.encode).latent_dist
     latents = jnp.transpose(dist.mean, (0, 3, 1, 2)) * pipe.vae.config.scaling_factor
     sched = T.noise_schedule(pipe.scheduler_config)
     noisy, target = T.add_noise(sched, latents, jnp.asarray(noise), jnp.asarray(t))
     emb = T.encode_text(pipe, pipe.params["text_encoder"], ids)
     pred = T.predict_noise(pipe, pipe.params["unet"], noisy, jnp.asarray(t), emb, lora_tree, scale)
-    return float(jnp.mean((pred - target) ** 2))
+    return jnp.mean((pred - target) ** 2)
 
 
 def _torch_eval_loss(sd, pixels, ids, t, noise) -> float:
@@ -209,6 +213,7 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
     np.testing.assert_allclose(torch_base, base_loss, rtol=2e-3)
     np.testing.assert_allclose(torch_lora, lora_loss, rtol=2e-3)
     assert torch_lora < 0.9 * torch_base, (torch_base, torch_lora)
+    print(f"denoising loss base/LoRA: JAX {base_loss:.4f}/{lora_loss:.4f}, PyTorch {torch_base:.4f}/{torch_lora:.4f}")
 
 
 def test_preempt_and_resume_equals_straight_run(tiny_sd1_path, two_images, tmp_path, monkeypatch):

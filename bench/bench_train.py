@@ -1,0 +1,509 @@
+"""LoRA training speed and memory: flax-lora against PyTorch diffusers + peft, on the same work, in one run.
+
+Design:
+- Both frameworks train the same thing: a UNet2DConditionModel of the chosen config with random weights, LoRA
+  (same rank, alpha, targets to_q/to_k/to_v/to_out.0) and AdamW on the LoRA params only, from precomputed
+  inputs (random VAE posterior moments and text embeddings of the right shapes), same batch and precision.
+  Each step samples latents, noise and timesteps, adds noise (SD 1.5 scaled-linear schedule), runs the UNet
+  forward and backward and applies one optimizer update.
+- Each framework runs in its own subprocess (`--worker flax|torch`), so peak host RSS (CPU) or device memory
+  (GPU) and thread pools never mix; the parent collects both results, prints a table and writes JSON.
+- The flax side uses the project's own `flax_lora.train.make_train_step` (unmerged LoRA through `lora_scope`).
+  `--lora_mode merged` (fuse A@B into the kernels inside the step) is not a mode of the project step, so it
+  runs a bench-local step with the same loss; `--flax_step local` runs that local step unmerged too, to
+  compare like with like.
+- The flax UNet is the class `flax_lora.loading` builds (`unet_class()`: exact GELU and PyTorch's GroupNorm
+  numerics), so both frameworks compute the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# A SD 1.5 LoRA training step (forward + backward, 64x64 latents, text length 77) costs about this much.
+SD15_FLOP_PER_IMAGE = 1.73e12
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FRAMEWORKS = ("flax", "torch")
+
+_CROSS3 = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+_UP3 = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+# UNet2DConditionModel kwargs (keys both the PyTorch and the Flax class understand) and input shapes.
+UNET_CONFIGS: dict[str, dict] = {
+    # For the smoke test: seconds per step on one CPU core.
+    "tiny": dict(
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+        ),
+        text_len=8,
+    ),
+    # SD 1.5's block layout at a fraction of the width: a few minutes for both frameworks on 2 CPU cores.
+    "small": dict(
+        unet=dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 128),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+        ),
+        text_len=77,
+    ),
+    # The real SD 1.5 UNet (random weights): for a GPU.
+    "sd15": dict(
+        unet=dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=_CROSS3,
+            up_block_types=_UP3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        text_len=77,
+    ),
+}
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run: the model, the work per step and the options tried on each side."""
+
+    config: str = "small"
+    steps: int = 10  # timed steps
+    warmup: int = 2  # untimed steps after the first (compiling) one
+    batch: int = 2
+    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 LoRA master weights, as diffusers' scripts)
+    lora_mode: str = "unmerged"  # unmerged: x@A@B path (lora_scope); merged: W + s*A@B inside the step
+    flax_step: str = "project"  # project: flax_lora.train.make_train_step; local: this file's step
+    rank: int = 4
+    alpha: float = 4.0
+    learning_rate: float = 1e-4
+    threads: int = 0  # CPU cores both frameworks may use (0 = all this process may use)
+    device: str = "auto"  # auto | cpu | gpu
+    xla_flags: str = ""  # extra XLA_FLAGS for the flax worker
+    peak_tflops: float = 989.0  # accelerator peak for MFU (H100 dense bf16)
+    frameworks: str = "flax,torch"
+    out: str = ""  # JSON path; default bench/results/<config>-<device>.json
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.config not in UNET_CONFIGS:
+            raise ValueError(f"unknown --config {self.config!r}; expected one of {sorted(UNET_CONFIGS)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.lora_mode not in ("unmerged", "merged"):
+            raise ValueError(f"--lora_mode must be unmerged or merged, got {self.lora_mode!r}")
+        if self.flax_step not in ("project", "local"):
+            raise ValueError(f"--flax_step must be project or local, got {self.flax_step!r}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"--device must be auto, cpu or gpu, got {self.device!r}")
+        if self.steps < 1 or self.batch < 1 or self.warmup < 0:
+            raise ValueError("--steps and --batch must be >= 1 and --warmup >= 0")
+        unknown = set(self.framework_list) - set(FRAMEWORKS)
+        if unknown:
+            raise ValueError(f"unknown --frameworks {sorted(unknown)}; expected a subset of {FRAMEWORKS}")
+
+    @property
+    def framework_list(self) -> list[str]:
+        return [f for f in self.frameworks.split(",") if f]
+
+
+def sd15_alphas_cumprod():
+    """SD 1.5's training schedule (scaled_linear, 0.00085..0.012, 1000 steps) as float32 numpy."""
+    import numpy as np
+
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def _input_shapes(cfg: BenchConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(latent shape, text embedding shape) of one batch, NCHW."""
+    spec = UNET_CONFIGS[cfg.config]
+    u = spec["unet"]
+    return (cfg.batch, u["in_channels"], u["sample_size"], u["sample_size"]), (
+        cfg.batch,
+        spec["text_len"],
+        u["cross_attention_dim"],
+    )
+
+
+def _limit_threads(cfg: BenchConfig) -> int:
+    """Pin this process to `threads` cores (before jax/torch start their pools); return the core count."""
+    cores = sorted(os.sched_getaffinity(0))
+    if cfg.threads:
+        if cfg.threads > len(cores):
+            raise ValueError(f"--threads {cfg.threads} but only {len(cores)} cores are available")
+        cores = cores[: cfg.threads]
+        os.sched_setaffinity(0, cores)
+    return len(cores)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------- flax worker
+
+
+def _flax_local_step(unet, optimizer, schedule, scale: float, merged: bool, compute_dtype):
+    """A train step with the project step's loss, LoRA either unmerged (lora_scope) or merged into the kernels."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from flax_lora.lora import lora_scope, merge_lora
+    from flax_lora.train import add_noise, diffusion_loss
+
+    def loss_fn(lora, base, batch, rng):
+        k_lat, k_noise, k_t = jax.random.split(rng, 3)
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        latents = (mean + std * jax.random.normal(k_lat, mean.shape, mean.dtype)) * 0.18215
+        noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+        t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.num_train_timesteps)
+        noisy, target = add_noise(schedule, latents, noise, t)
+        lora_c = jax.tree.map(lambda x: x.astype(compute_dtype), lora)
+        args = (noisy.astype(compute_dtype), t, batch["text_embeddings"].astype(compute_dtype))
+        if merged:
+            pred = unet.apply({"params": merge_lora(base, lora_c, scale)}, *args).sample
+        else:
+            with lora_scope((lora_c, scale)):
+                pred = unet.apply({"params": base}, *args).sample
+        return diffusion_loss(pred, target, t, schedule)
+
+    def step(state, base, batch):
+        rng, step_rng = jax.random.split(state["rng"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], base, batch, step_rng)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "rng": rng}, {"loss": loss}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def run_flax(cfg: BenchConfig) -> dict:
+    """Time LoRA training steps of the Flax UNet; returns the measurements."""
+    threads = _limit_threads(cfg)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from types import SimpleNamespace
+
+    from flax_lora import loading
+    from flax_lora.lora import LoraConfig, UNET_TARGETS, init_lora
+    from flax_lora.train import NoiseSchedule, batch_sharding, create_train_state, make_mesh, make_train_step
+
+    device = jax.devices()[0]
+    compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    # The UNet class load_pipeline builds (PyTorch numerics); named _exact_unet_class in older revisions.
+    unet_cls = loading.unet_class() if hasattr(loading, "unet_class") else loading._exact_unet_class()
+    unet = unet_cls.from_config(UNET_CONFIGS[cfg.config]["unet"], dtype=compute_dtype)
+    rng = jax.random.PRNGKey(cfg.seed)
+    base = jax.jit(unet.init_weights)(rng)  # params only, as the project's loaders return them
+    base = base.unfreeze() if hasattr(base, "unfreeze") else base
+    lora_config = LoraConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=UNET_TARGETS)
+    lora = init_lora(jax.random.PRNGKey(cfg.seed + 1), base, lora_config)
+    optimizer = optax.adamw(cfg.learning_rate)
+    schedule = NoiseSchedule(sd15_alphas_cumprod(), "epsilon")
+    lat_shape, emb_shape = _input_shapes(cfg)
+    keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 2), 2)
+    batch = {
+        "latent_mean": np.asarray(jax.random.normal(keys[0], lat_shape, jnp.float32)),
+        "latent_std": np.full(lat_shape, 0.1, np.float32),
+        "text_embeddings": np.asarray(jax.random.normal(keys[1], emb_shape, jnp.float32)),
+    }
+    use_project = cfg.flax_step == "project" and cfg.lora_mode == "unmerged"
+    if use_project:
+        mesh = make_mesh([device])  # one device: like for like with the single-device PyTorch run
+        # The project step reads only `unet`, `vae.config.scaling_factor` and the base params from the pipeline.
+        pipe = SimpleNamespace(unet=unet, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))
+        step = make_train_step(
+            pipe, {"unet": lora_config}, optimizer, schedule, mesh, base_params={"unet": base}, compute_dtype=compute_dtype
+        )
+        state = create_train_state({"unet": lora}, optimizer, cfg.seed)
+        batch = jax.device_put({k: v[None] for k, v in batch.items()}, batch_sharding(mesh))  # (accum=1, B, ...)
+        run = step
+    else:
+        base_c = jax.device_put(jax.tree.map(lambda x: x.astype(compute_dtype), base), device)
+        jitted = _flax_local_step(unet, optimizer, schedule, lora_config.scale, cfg.lora_mode == "merged", compute_dtype)
+        state = {"params": lora, "opt_state": optimizer.init(lora), "rng": jax.random.PRNGKey(cfg.seed)}
+        batch = jax.device_put(batch, device)
+        run = lambda s, b: jitted(s, base_c, b)  # noqa: E731
+    del base
+    rss_setup = _peak_rss_bytes()
+
+    t0 = time.perf_counter()
+    state, metrics = run(state, batch)
+    first_loss = float(jax.block_until_ready(metrics["loss"]))
+    first_step_s = time.perf_counter() - t0
+    for _ in range(cfg.warmup):
+        state, metrics = run(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        state, metrics = run(state, batch)
+    last_loss = float(jax.block_until_ready(metrics["loss"]))
+    elapsed = time.perf_counter() - t0
+
+    if device.platform == "cpu":
+        memory, memory_kind = _peak_rss_bytes(), "host_rss_peak"
+    else:
+        memory, memory_kind = int(device.memory_stats()["peak_bytes_in_use"]), "device_peak"
+    return dict(
+        platform="cpu" if device.platform == "cpu" else "gpu",
+        device_name=str(getattr(device, "device_kind", device.platform)),
+        step_impl="flax_lora.train.make_train_step" if use_project else f"bench local step ({cfg.lora_mode})",
+        threads=threads,
+        first_step_s=first_step_s,
+        step_s=elapsed / cfg.steps,
+        memory_bytes=memory,
+        memory_kind=memory_kind,
+        host_rss_setup_bytes=rss_setup,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        lora_params=int(sum(x.size for x in jax.tree.leaves(lora))),
+        versions={"jax": jax.__version__},
+    )
+
+
+# ------------------------------------------------------------------------------------------ torch worker
+
+
+def run_torch(cfg: BenchConfig) -> dict:
+    """Time LoRA training steps of the PyTorch diffusers UNet with a peft adapter; returns the measurements."""
+    threads = _limit_threads(cfg)
+    import diffusers
+    import peft
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cfg.device == "gpu" and not use_cuda:
+        raise RuntimeError("--device gpu but torch.cuda.is_available() is False")
+    device = torch.device("cuda" if use_cuda else "cpu")
+    bf16 = cfg.precision == "bf16"
+    unet = UNet2DConditionModel(**UNET_CONFIGS[cfg.config]["unet"])
+    unet.requires_grad_(False)
+    if bf16:
+        unet.to(torch.bfloat16)
+    unet.add_adapter(
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    unet.to(device)
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_params:  # fp32 master weights for the trainable LoRA params, as diffusers' scripts
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate)
+    unet.train()
+
+    alphas = torch.from_numpy(sd15_alphas_cumprod()).to(device)
+    lat_shape, emb_shape = _input_shapes(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    mean = torch.randn(lat_shape, generator=gen).to(device)
+    std = torch.full(lat_shape, 0.1).to(device)
+    emb = torch.randn(emb_shape, generator=gen).to(device)
+    emb_in = emb.to(torch.bfloat16) if bf16 else emb
+
+    def step() -> torch.Tensor:
+        latents = (mean + std * torch.randn_like(mean)) * 0.18215
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, len(alphas), (latents.shape[0],), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = unet(noisy.to(emb_in.dtype), t, emb_in).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def sync():
+        if use_cuda:
+            torch.cuda.synchronize()
+
+    rss_setup = _peak_rss_bytes()
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    first_loss = float(step())
+    first_step_s = time.perf_counter() - t0
+    for _ in range(cfg.warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        loss = step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    last_loss = float(loss)
+
+    if use_cuda:
+        memory, memory_kind = int(torch.cuda.max_memory_allocated()), "device_peak"
+    else:
+        memory, memory_kind = _peak_rss_bytes(), "host_rss_peak"
+    return dict(
+        platform="gpu" if use_cuda else "cpu",
+        device_name=torch.cuda.get_device_name() if use_cuda else "cpu",
+        step_impl="diffusers UNet2DConditionModel + peft add_adapter",
+        threads=threads,
+        first_step_s=first_step_s,
+        step_s=elapsed / cfg.steps,
+        memory_bytes=memory,
+        memory_kind=memory_kind,
+        host_rss_setup_bytes=rss_setup,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        lora_params=int(sum(p.numel() for p in lora_params)),
+        versions={"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def _worker_env(cfg: BenchConfig, framework: str) -> dict:
+    """Environment of a worker: the chosen platform, and the flax worker's XLA flags."""
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    if framework == "flax":
+        # One device, whatever a caller (e.g. the test suite's 8 fake CPU devices) had set.
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join(flags + cfg.xla_flags.split())
+        if cfg.device == "cpu":
+            env["JAX_PLATFORMS"] = "cpu"
+    elif cfg.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_worker(cfg: BenchConfig, framework: str) -> dict:
+    """Run one framework's benchmark in a fresh subprocess and return its result dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--worker", framework, "--worker_out", str(result_path), "--spec",
+               json.dumps(dataclasses.asdict(cfg))]  # fmt: skip
+        proc = subprocess.run(cmd, env=_worker_env(cfg, framework), capture_output=True, text=True)
+        if proc.returncode != 0 or not result_path.exists():
+            raise RuntimeError(f"{framework} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(result_path.read_text())
+
+
+def summarize(cfg: BenchConfig, results: dict[str, dict]) -> dict:
+    """Add throughput, MFU and the flax/torch ratios to the raw worker results."""
+    platforms = {r["platform"] for r in results.values()}
+    if len(platforms) > 1:
+        raise RuntimeError(f"the frameworks ran on different platforms {platforms}; pass --device cpu or gpu")
+    platform = platforms.pop()
+    for r in results.values():
+        r["steps_per_s"] = 1.0 / r["step_s"]
+        r["images_per_s"] = cfg.batch / r["step_s"]
+        r["mfu"] = None
+        if platform == "gpu" and cfg.config == "sd15":
+            r["mfu"] = r["images_per_s"] * SD15_FLOP_PER_IMAGE / (cfg.peak_tflops * 1e12)
+    ratio = {}
+    if "flax" in results and "torch" in results:
+        f, t = results["flax"], results["torch"]
+        ratio = {
+            "steps_per_s": f["steps_per_s"] / t["steps_per_s"],
+            "images_per_s": f["images_per_s"] / t["images_per_s"],
+            "first_step_s": f["first_step_s"] / t["first_step_s"],
+            "memory_bytes": f["memory_bytes"] / t["memory_bytes"],
+        }
+    return {"bench": dataclasses.asdict(cfg), "platform": platform, "results": results, "ratio_flax_over_torch": ratio}
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table: one row per framework plus the flax/torch ratio."""
+    res, ratio = summary["results"], summary["ratio_flax_over_torch"]
+    mem_kind = next(iter(res.values()))["memory_kind"]
+    cols = ["framework", "steps/s", "images/s", "first step s", f"{mem_kind} MiB", "MFU", "loss first->last"]
+    rows = []
+    for name, r in res.items():
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        rows.append([name, f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.3f}", f"{r['first_step_s']:.1f}",
+                     f"{r['memory_bytes'] / 2**20:.0f}", mfu, f"{r['first_loss']:.4f}->{r['last_loss']:.4f}"])  # fmt: skip
+    if ratio:
+        rows.append(["flax/torch", f"{ratio['steps_per_s']:.2f}x", f"{ratio['images_per_s']:.2f}x",
+                     f"{ratio['first_step_s']:.2f}x", f"{ratio['memory_bytes']:.2f}x", "", ""])  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    line = lambda xs: "  ".join(str(x).rjust(w) for x, w in zip(xs, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run_bench(cfg: BenchConfig) -> tuple[dict, Path]:
+    """Run every requested framework, write the JSON and return (summary, its path)."""
+    results = {}
+    for framework in cfg.framework_list:
+        print(f"[bench] {framework}: config={cfg.config} batch={cfg.batch} precision={cfg.precision} "
+              f"lora_mode={cfg.lora_mode} steps={cfg.steps} ...", file=sys.stderr, flush=True)  # fmt: skip
+        results[framework] = run_worker(cfg, framework)
+    summary = summarize(cfg, results)
+    out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"{cfg.config}-{summary['platform']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    return summary, out
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig | None, argparse.Namespace]:
+    """Flags generated from BenchConfig, plus the hidden worker flags."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(BenchConfig):
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker_out", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.spec:
+        return BenchConfig(**json.loads(args.spec)), args
+    return BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse_args(argv)
+    if args.worker:
+        result = {"flax": run_flax, "torch": run_torch}[args.worker](cfg)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return
+    summary, out = run_bench(cfg)
+    print(format_table(summary))
+    print(f"JSON written to {out}")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -194,7 +194,7 @@ def _fix_timesteps(name: str, scheduler, state, config: dict, steps: int):
         return state.replace(timesteps=jnp.asarray(ts.astype(np.int32)))
     if name == "euler":
         ts = _spaced_timesteps(spacing, num_train, steps, offset, integer=False).astype(np.float32)
-        ac = np.asarray(state.common.alphas_cumprod, dtype=np.float64)
+        ac = np.asarray(state.common.alphas_cumprod, dtype=np.float32)  # PyTorch's float32 sigmas, then interp
         sigmas = np.interp(ts, np.arange(len(ac)), ((1 - ac) / ac) ** 0.5)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         max_sigma = float(sigmas.max())
@@ -391,11 +391,14 @@ class FlaxLoraPipeline:
         scheduler: str | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_images: int = 1,
+        num_images: int | None = None,
         seed: int = 0,
         latents: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Generate `num_images` per prompt; returns float32 NHWC images in [0, 1] (as diffusers' output_type="np")."""
+        """Generate `num_images` per prompt (default 1, or as many as `latents` hold); float32 NHWC images in [0, 1].
+
+        `latents` are unit-variance NCHW initial latents, as diffusers' `pipeline(latents=...)` takes them.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -403,6 +406,8 @@ class FlaxLoraPipeline:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if num_images is None:
+            num_images = 1 if latents is None else max(1, len(latents) // len(prompts))
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if latents is not None and height is None and width is None:
@@ -449,7 +454,8 @@ class FlaxLoraPipeline:
         with lora_scope(*loras["text_encoder"]):
             ids = jnp.concatenate([uncond_ids, cond_ids]) if do_cfg else cond_ids
             embeddings = pipe.text_encoder(ids, params=params["text_encoder"])[0]
-        sampler = make_sampler(pipe.scheduler_config, steps, latents.shape, scheduler_name)
+        with jax.ensure_compile_time_eval():  # the schedule is a constant of the compiled loop
+            sampler = make_sampler(pipe.scheduler_config, steps, latents.shape, scheduler_name)
         latents = latents * sampler.init_noise_sigma
 
         def body(i, carry):
@@ -513,7 +519,7 @@ class InferConfig:
     )
     height: int | None = _f(None, "Image height in pixels, a multiple of 8 (default: the model's size).")
     width: int | None = _f(None, "Image width in pixels, a multiple of 8 (default: the model's size).")
-    num_images: int = _f(1, "Images to generate (split over all devices).")
+    num_images: int | None = _f(None, "Images to generate, split over all devices (default 1, or one per init latent).")
     seed: int = _f(0, "Seed of the initial latents.")
     init_latents: str | None = _f(
         None,
@@ -539,7 +545,7 @@ class InferConfig:
             if value is not None and (value <= 0 or value % 8):
                 raise ValueError(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
         for name in ("num_inference_steps", "num_images"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if len(self.lora_scale) > 1 and len(self.lora_scale) != len(self.lora):
             raise ValueError(f"{len(self.lora_scale)} --lora_scale values for {len(self.lora)} --lora files")

@@ -630,15 +630,19 @@ def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
         center_crop=True,
     )
     changes = {k: v for k, v in tiny.items() if getattr(config, k) == defaults[k]}
-    changes["pretrained_model_name_or_path"] = build_tiny_pipeline(os.path.expanduser(DEFAULT_TINY_MODEL))
-    if config.dataset_name is None and config.train_data_dir is None:
-        changes["train_data_dir"] = DEFAULT_TINY_DATA
-        if jax.process_index() == 0:
+    builtin_data = config.dataset_name is None and config.train_data_dir is None
+    # Process 0 builds the shared files; the others wait, so no two writers race on one cache folder.
+    if jax.process_index() == 0:
+        build_tiny_pipeline(os.path.expanduser(DEFAULT_TINY_MODEL))
+        if builtin_data:
             build_tiny_dataset(DEFAULT_TINY_DATA, resolution=64)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("tiny dataset built")
+        multihost_utils.sync_global_devices("tiny pipeline and dataset built")
+    changes["pretrained_model_name_or_path"] = os.path.expanduser(DEFAULT_TINY_MODEL)
+    if builtin_data:
+        changes["train_data_dir"] = DEFAULT_TINY_DATA
     return dataclasses.replace(config, **changes)
 
 
@@ -746,6 +750,11 @@ def main(config: TrainConfig) -> dict:
     if config.resume_from_checkpoint:
         ckpt_dir, resume_step = resolve_resume(config.resume_from_checkpoint, output_dir)
     checkpointer = Checkpointer(ckpt_dir, config.checkpoints_total_limit)
+    if not config.resume_from_checkpoint and checkpointer.latest_step() is not None:
+        raise FileExistsError(
+            f"{ckpt_dir} already holds checkpoints (latest step {checkpointer.latest_step()}); pass "
+            "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
+        )
     if config.resume_from_checkpoint:
         resume_step = resume_step if resume_step is not None else checkpointer.latest_step()
         if resume_step is None:

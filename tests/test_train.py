@@ -203,7 +203,7 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
     adapter = load_adapter(str(adapter_file), pipe.params)
     base_loss = _jax_eval_loss(pipe, None, 1.0, *batch)
     lora_loss = _jax_eval_loss(pipe, *adapter.scope_layers("unet"), *batch)
-    assert lora_loss < 0.9 * base_loss, (base_loss, lora_loss)
+    assert lora_loss < 0.95 * base_loss, (base_loss, lora_loss)
 
     sd = StableDiffusionPipeline.from_pretrained(tiny_sd1_path, safety_checker=None)
     sd.scheduler = DDPMScheduler.from_config(sd.scheduler.config)
@@ -212,7 +212,7 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
     torch_lora = _torch_eval_loss(sd, *batch)
     np.testing.assert_allclose(torch_base, base_loss, rtol=2e-3)
     np.testing.assert_allclose(torch_lora, lora_loss, rtol=2e-3)
-    assert torch_lora < 0.9 * torch_base, (torch_base, torch_lora)
+    assert torch_lora < 0.95 * torch_base, (torch_base, torch_lora)
     print(f"denoising loss base/LoRA: JAX {base_loss:.4f}/{lora_loss:.4f}, PyTorch {torch_base:.4f}/{torch_lora:.4f}")
 
 

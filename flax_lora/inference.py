@@ -5,7 +5,8 @@ Design:
   timestep_spacing); a scheduler name only swaps the algorithm, as `XScheduler.from_config(pipe.scheduler.config)`
   does in diffusers. diffusers' Flax schedulers lag their PyTorch twins in a few places (which timestep spacings
   they honour, DPM-Solver's last step); `make_sampler` fixes those so that the same init latents give the same
-  image as PyTorch. Options Flax cannot honour are errors, not silent drift.
+  image as PyTorch. Options Flax cannot honour are errors, not silent drift. (The UNet's own numerics are
+  made PyTorch's by `flax_lora.loading`.)
 - The whole denoising loop is one `lax.fori_loop` inside one `jit`, compiled once per (batch, size, steps,
   scheduler). Prompts, guidance scale, LoRA weights and LoRA scales are traced arguments, so changing them
   does not recompile.
@@ -17,16 +18,13 @@ Design:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,47 +216,6 @@ def _fix_timesteps(name: str, scheduler, state, config: dict, steps: int):
             timesteps=jnp.asarray(timesteps), prk_timesteps=jnp.asarray(prk), plms_timesteps=jnp.asarray(plms)
         )
     return state  # dpm++: the Flax port already follows PyTorch's spacings
-
-
-# ------------------------------------------------------------------------------------- PyTorch numerics
-
-
-def _group_norm(module, x: jax.Array, epsilon: float) -> jax.Array:
-    """GroupNorm of NHWC `x` with a module's own scale and bias, two-pass variance, and the given epsilon."""
-    groups = module.num_groups
-    shape = x.shape
-    h = x.astype(jnp.float32).reshape(shape[0], -1, groups, shape[-1] // groups)
-    mean = h.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(h - mean).mean(axis=(1, 3), keepdims=True)
-    h = ((h - mean) * jax.lax.rsqrt(var + epsilon)).reshape(shape)
-    params = module.variables["params"]
-    h = h * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
-    return h.astype(module.dtype or x.dtype)
-
-
-@contextlib.contextmanager
-def pytorch_numerics() -> Iterator[None]:
-    """Make diffusers' Flax UNet compute what the PyTorch UNet computes.
-
-    The Flax port differs from the PyTorch model in two places (diffusers 0.39): the transformer blocks'
-    input GroupNorm uses epsilon 1e-5 instead of 1e-6, and the GEGLU feed-forward uses tanh-approximate
-    GELU instead of exact GELU. Each costs about 1e-4 per UNet call; classifier-free guidance and the
-    sampling loop amplify that to visible pixel differences. Intercepting those two modules removes both.
-    """
-    from diffusers.models.attention_flax import FlaxGEGLU, FlaxTransformer2DModel
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__":
-            if isinstance(module, nn.GroupNorm) and isinstance(module.parent, FlaxTransformer2DModel):
-                return _group_norm(module, args[0], epsilon=1e-6)
-            if isinstance(module, FlaxGEGLU):
-                linear, gate = jnp.split(module.proj(args[0]), 2, axis=-1)
-                return linear * jax.nn.gelu(gate, approximate=False)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        yield
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -464,8 +421,9 @@ class FlaxLoraPipeline:
             model_input = jnp.concatenate([sample, sample]) if do_cfg else sample
             model_input = sampler.scale_model_input(state, model_input, t)
             timesteps = jnp.broadcast_to(t, (model_input.shape[0],))
-            with lora_scope(*loras["unet"]), pytorch_numerics():
+            with lora_scope(*loras["unet"]):
                 noise = pipe.unet.apply({"params": params["unet"]}, model_input, timesteps, embeddings).sample
+            noise = noise.astype(jnp.float32)  # the schedule runs in float32 whatever the compute dtype
             if do_cfg:
                 uncond, text = jnp.split(noise, 2)
                 noise = uncond + guidance * (text - uncond)

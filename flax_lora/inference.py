@@ -87,7 +87,7 @@ def _flax_class(name: str):
     return classes[name]
 
 
-def _effective_config(flax_cls, pipeline_config: dict) -> dict:
+def _effective_config(pipeline_config: dict) -> dict:
     """The config a scheduler class gets from `from_config`: the pipeline's explicitly set values, else its defaults.
 
     diffusers records which values were defaults (`_use_default_values`); those are not carried over to another
@@ -155,7 +155,7 @@ def make_sampler(
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     cls = _flax_class(name)
     pt_defaults = _pytorch_defaults(name)
-    config = {**pt_defaults, **_effective_config(cls, pipeline_config)}
+    config = {**pt_defaults, **_effective_config(pipeline_config)}
     for key, off in _UNSUPPORTED_OPTIONS.items():
         if key in config and config[key] != off:
             raise ValueError(

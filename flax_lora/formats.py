@@ -140,6 +140,10 @@ def save_adapter(
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         save_file(tensors, str(partial), metadata=metadata)
+        # safetensors creates files owner-only; an adapter is meant to be shared like any other output.
+        umask = os.umask(0)
+        os.umask(umask)
+        partial.chmod(0o666 & ~umask)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

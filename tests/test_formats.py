@@ -1,6 +1,7 @@
 """Adapter files against PyTorch diffusers: Flax -> file -> PyTorch, PEFT -> file -> Flax, and bad files."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -202,3 +203,4 @@ def test_save_never_leaves_a_partial_file(tiny_sd1_path, tmp_path):
         save_adapter(adapter, tmp_path)
     assert open(file, "rb").read() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert os.stat(file).st_mode & 0o044 == 0o044  # readable by group and others, like other outputs

@@ -203,4 +203,6 @@ def test_save_never_leaves_a_partial_file(tiny_sd1_path, tmp_path):
         save_adapter(adapter, tmp_path)
     assert open(file, "rb").read() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_lora_weights.safetensors"]
-    assert os.stat(file).st_mode & 0o044 == 0o044  # readable by group and others, like other outputs
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(file).st_mode & 0o777 == 0o666 & ~umask  # like any other file the user creates

@@ -2,17 +2,16 @@
 
 Flag names and meanings follow diffusers' `examples/text_to_image/train_text_to_image_lora.py`, so a
 user of that script switches by changing the command name. Each field carries its help text in
-`metadata["help"]`; `build_parser` turns fields into argparse flags (bools become `--flag`).
+`metadata["help"]`; `flax_lora.cli` turns fields into argparse flags (bools become `--flag`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
+from flax_lora.cli import flag as _f
 
 LR_SCHEDULERS = (
     "constant",
@@ -22,17 +21,11 @@ LR_SCHEDULERS = (
     "polynomial",
     "constant_with_warmup",
 )
-MIXED_PRECISION = ("no", "bf16", "fp16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 REPORT_TO = ("tensorboard", "none")
 
 DEFAULT_TINY_MODEL = os.path.join("~", ".cache", "flax_lora", "tiny-sd1")
 DEFAULT_TINY_DATA = os.path.join("~", ".cache", "flax_lora", "tiny-shapes")
-
-
-def _f(default, help: str, choices=None):
-    """Dataclass field with its CLI help text (and optional choices)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -171,11 +164,7 @@ class TrainConfig:
             raise ValueError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
         if self.checkpointing_steps < 1:
             raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
-        for name in dataclasses.fields(self):
-            choices = name.metadata.get("choices")
-            value = getattr(self, name.name)
-            if choices and value is not None and value not in choices:
-                raise ValueError(f"--{name.name} must be one of {', '.join(choices)}; got {value!r}")
+        check_choices(self)
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("--cache_text_embeddings cannot be combined with --train_text_encoder")
         if self.dataset_name is None and self.train_data_dir is None and self.pretrained_model_name_or_path:
@@ -190,39 +179,11 @@ class TrainConfig:
         return self.pretrained_model_name_or_path is None
 
 
-def _base_type(tp):
-    """The non-None type of an annotation like `int | None`."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return tp
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """argparse parser with one flag per TrainConfig field."""
-    parser = argparse.ArgumentParser(
-        description="LoRA fine-tuning of Stable Diffusion with JAX/Flax (flags follow diffusers' "
-        "train_text_to_image_lora.py). With no model and data flags it trains a tiny built-in example.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp = _base_type(hints[f.name])
-        kwargs = {"default": f.default, "help": f.metadata["help"]}
-        if tp is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", type=tp, **kwargs)
-    return parser
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse command-line flags into a validated TrainConfig (errors exit with a usage message)."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        return TrainConfig(**vars(ns))
-    except ValueError as e:
-        parser.error(str(e))
+    return parse_config(
+        TrainConfig,
+        "LoRA fine-tuning of Stable Diffusion with JAX/Flax (flags follow diffusers' "
+        "train_text_to_image_lora.py). With no model and data flags it trains a tiny built-in example.",
+        argv,
+    )

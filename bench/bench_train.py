@@ -59,7 +59,7 @@ UNET_CONFIGS: dict[str, dict] = {
     # SD 1.5's block layout at a fraction of the width: a few minutes for both frameworks on 2 CPU cores.
     "small": dict(
         unet=dict(
-            sample_size=16,
+            sample_size=32,
             in_channels=4,
             out_channels=4,
             block_out_channels=(32, 64, 128),
@@ -94,12 +94,14 @@ class BenchConfig:
     """One benchmark run: the model, the work per step and the options tried on each side."""
 
     config: str = "small"
-    steps: int = 10  # timed steps
+    steps: int = 20  # timed steps
     warmup: int = 2  # untimed steps after the first (compiling) one
     batch: int = 2
+    sample_size: int = 0  # latent height/width override (0 = the config's)
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 LoRA master weights, as diffusers' scripts)
     lora_mode: str = "unmerged"  # unmerged: x@A@B path (lora_scope); merged: W + s*A@B inside the step
     flax_step: str = "project"  # project: flax_lora.train.make_train_step; local: this file's step
+    flax_unet: str = "exact"  # exact: flax_lora.loading's UNet (PyTorch numerics); diffusers: the stock Flax port
     rank: int = 4
     alpha: float = 4.0
     learning_rate: float = 1e-4
@@ -120,10 +122,12 @@ class BenchConfig:
             raise ValueError(f"--lora_mode must be unmerged or merged, got {self.lora_mode!r}")
         if self.flax_step not in ("project", "local"):
             raise ValueError(f"--flax_step must be project or local, got {self.flax_step!r}")
+        if self.flax_unet not in ("exact", "diffusers"):
+            raise ValueError(f"--flax_unet must be exact or diffusers, got {self.flax_unet!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"--device must be auto, cpu or gpu, got {self.device!r}")
-        if self.steps < 1 or self.batch < 1 or self.warmup < 0:
-            raise ValueError("--steps and --batch must be >= 1 and --warmup >= 0")
+        if self.steps < 1 or self.batch < 1 or self.warmup < 0 or self.sample_size < 0:
+            raise ValueError("--steps and --batch must be >= 1, --warmup and --sample_size >= 0")
         unknown = set(self.framework_list) - set(FRAMEWORKS)
         if unknown:
             raise ValueError(f"unknown --frameworks {sorted(unknown)}; expected a subset of {FRAMEWORKS}")
@@ -141,10 +145,18 @@ def sd15_alphas_cumprod():
     return np.cumprod(1.0 - betas).astype(np.float32)
 
 
+def unet_config(cfg: BenchConfig) -> dict:
+    """UNet2DConditionModel kwargs of the run (the named config, with --sample_size applied)."""
+    u = dict(UNET_CONFIGS[cfg.config]["unet"])
+    if cfg.sample_size:
+        u["sample_size"] = cfg.sample_size
+    return u
+
+
 def _input_shapes(cfg: BenchConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(latent shape, text embedding shape) of one batch, NCHW."""
     spec = UNET_CONFIGS[cfg.config]
-    u = spec["unet"]
+    u = unet_config(cfg)
     return (cfg.batch, u["in_channels"], u["sample_size"], u["sample_size"]), (
         cfg.batch,
         spec["text_len"],
@@ -161,6 +173,12 @@ def _limit_threads(cfg: BenchConfig) -> int:
         cores = cores[: cfg.threads]
         os.sched_setaffinity(0, cores)
     return len(cores)
+
+
+def _current_rss_bytes() -> int:
+    """Resident set size now (the peak can come from a moment that has passed, e.g. XLA compiling)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _peak_rss_bytes() -> int:
@@ -205,6 +223,14 @@ def _flax_local_step(unet, optimizer, schedule, scale: float, merged: bool, comp
     return jax.jit(step, donate_argnums=(0,))
 
 
+def _host_device(jax):
+    """JAX's CPU device (where setup runs), or the default device when the CPU backend is switched off."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return jax.devices()[0]
+
+
 def run_flax(cfg: BenchConfig) -> dict:
     """Time LoRA training steps of the Flax UNet; returns the measurements."""
     threads = _limit_threads(cfg)
@@ -224,12 +250,18 @@ def run_flax(cfg: BenchConfig) -> dict:
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     # The UNet class load_pipeline builds (PyTorch numerics); named _exact_unet_class in older revisions.
     unet_cls = loading.unet_class() if hasattr(loading, "unet_class") else loading._exact_unet_class()
-    unet = unet_cls.from_config(UNET_CONFIGS[cfg.config]["unet"], dtype=compute_dtype)
+    if cfg.flax_unet == "diffusers":  # tanh GELU, GroupNorm eps 1e-5: not what PyTorch computes; for timing only
+        from diffusers import FlaxUNet2DConditionModel as unet_cls
+    unet = unet_cls.from_config(unet_config(cfg), dtype=compute_dtype)
     rng = jax.random.PRNGKey(cfg.seed)
-    base = jax.jit(unet.init_weights)(rng)  # params only, as the project's loaders return them
-    base = base.unfreeze() if hasattr(base, "unfreeze") else base
     lora_config = LoraConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=UNET_TARGETS)
-    lora = init_lora(jax.random.PRNGKey(cfg.seed + 1), base, lora_config)
+    # Build on the host, so the accelerator's peak memory holds only what training keeps there (the base in the
+    # compute dtype), as on the PyTorch side, which casts before moving the UNet to the GPU.
+    with jax.default_device(_host_device(jax)):
+        base = jax.jit(unet.init_weights)(rng)  # params only, as the project's loaders return them
+        base = base.unfreeze() if hasattr(base, "unfreeze") else base
+        lora = init_lora(jax.random.PRNGKey(cfg.seed + 1), base, lora_config)
+        base = jax.tree.map(lambda x: x.astype(compute_dtype), base)
     optimizer = optax.adamw(cfg.learning_rate)
     schedule = NoiseSchedule(sd15_alphas_cumprod(), "epsilon")
     lat_shape, emb_shape = _input_shapes(cfg)
@@ -253,7 +285,7 @@ def run_flax(cfg: BenchConfig) -> dict:
         run = step
         compiles = step.compiled_count
     else:
-        base_c = jax.device_put(jax.tree.map(lambda x: x.astype(compute_dtype), base), device)
+        base_c = jax.device_put(base, device)
         jitted = _flax_local_step(unet, optimizer, schedule, lora_config.scale, cfg.lora_mode == "merged", compute_dtype)
         state = {"params": lora, "opt_state": optimizer.init(lora), "rng": jax.random.PRNGKey(cfg.seed)}
         state = jax.device_put(state, device)  # committed, as the step's output is: no second compile
@@ -267,6 +299,7 @@ def run_flax(cfg: BenchConfig) -> dict:
     state, metrics = run(state, batch)
     first_loss = float(jax.block_until_ready(metrics["loss"]))
     first_step_s = time.perf_counter() - t0
+    rss_first = _peak_rss_bytes()
     for _ in range(cfg.warmup):
         state, metrics = run(state, batch)
     jax.block_until_ready(metrics["loss"])
@@ -283,7 +316,7 @@ def run_flax(cfg: BenchConfig) -> dict:
     else:
         memory, memory_kind = int(device.memory_stats()["peak_bytes_in_use"]), "device_peak"
     return dict(
-        platform="cpu" if device.platform == "cpu" else "gpu",
+        platform="gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform,
         device_name=str(getattr(device, "device_kind", device.platform)),
         step_impl="flax_lora.train.make_train_step" if use_project else f"bench local step ({cfg.lora_mode})",
         threads=threads,
@@ -292,6 +325,8 @@ def run_flax(cfg: BenchConfig) -> dict:
         memory_bytes=memory,
         memory_kind=memory_kind,
         host_rss_setup_bytes=rss_setup,
+        host_rss_first_step_bytes=rss_first,
+        host_rss_end_bytes=_current_rss_bytes(),
         first_loss=first_loss,
         last_loss=last_loss,
         lora_params=int(sum(x.size for x in jax.tree.leaves(lora))),
@@ -318,7 +353,7 @@ def run_torch(cfg: BenchConfig) -> dict:
         raise RuntimeError("--device gpu but torch.cuda.is_available() is False")
     device = torch.device("cuda" if use_cuda else "cpu")
     bf16 = cfg.precision == "bf16"
-    unet = UNet2DConditionModel(**UNET_CONFIGS[cfg.config]["unet"])
+    unet = UNet2DConditionModel(**unet_config(cfg))
     unet.requires_grad_(False)
     if bf16:
         unet.to(torch.bfloat16)
@@ -369,6 +404,7 @@ def run_torch(cfg: BenchConfig) -> dict:
     t0 = time.perf_counter()
     first_loss = float(step())
     first_step_s = time.perf_counter() - t0
+    rss_first = _peak_rss_bytes()
     for _ in range(cfg.warmup):
         step()
     sync()
@@ -393,6 +429,8 @@ def run_torch(cfg: BenchConfig) -> dict:
         memory_bytes=memory,
         memory_kind=memory_kind,
         host_rss_setup_bytes=rss_setup,
+        host_rss_first_step_bytes=rss_first,
+        host_rss_end_bytes=_current_rss_bytes(),
         first_loss=first_loss,
         last_loss=last_loss,
         lora_params=int(sum(p.numel() for p in lora_params)),

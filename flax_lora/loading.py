@@ -61,18 +61,6 @@ _FLAX_RENAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "p
 _IGNORED_PT_KEYS = re.compile(r"(position_ids|num_batches_tracked)$")
 
 
-def _group_norm(module: nn.GroupNorm, x: jax.Array, epsilon: float) -> jax.Array:
-    """GroupNorm of channels-last `x` with the module's own scale and bias, two-pass variance, given epsilon."""
-    groups = module.num_groups
-    h = x.astype(jnp.float32).reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
-    mean = h.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(h - mean).mean(axis=(1, 3), keepdims=True)
-    h = ((h - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)
-    params = module.variables["params"]
-    h = h * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
-    return h.astype(module.dtype or x.dtype)
-
-
 def _pytorch_numerics(next_fun, args, kwargs, context):
     """Compute what PyTorch's UNet computes where diffusers' Flax port differs (diffusers 0.39).
 
@@ -85,7 +73,8 @@ def _pytorch_numerics(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name == "__call__" and not module.is_initializing():
         if isinstance(module, nn.GroupNorm) and isinstance(module.parent, FlaxTransformer2DModel):
-            return _group_norm(module, args[0], epsilon=1e-6)
+            pytorch_norm = nn.GroupNorm(num_groups=module.num_groups, epsilon=1e-6, dtype=module.dtype)
+            return pytorch_norm.apply({"params": module.variables["params"]}, args[0])
         if isinstance(module, FlaxGEGLU):
             hidden, gate = jnp.split(module.proj(args[0]), 2, axis=-1)
             return hidden * jax.nn.gelu(gate, approximate=False)

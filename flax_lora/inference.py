@@ -247,7 +247,8 @@ class FlaxLoraPipeline:
         self.pipe = pipe
         self.mesh = mesh if mesh is not None else batch_mesh()
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._batch_sharded = NamedSharding(self.mesh, PartitionSpec("batch"))
+        # Split images over every device of any mesh (e.g. the trainer's "data" mesh), not only batch_mesh's.
+        self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
         self._base_params = jax.device_put(pipe.params, self._replicated)
         self.params = self._base_params  # the base weights with every fused adapter merged in
         self.loras: list[LoadedLora] = []
@@ -268,12 +269,16 @@ class FlaxLoraPipeline:
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False, name: str | None = None):
         """Add a diffusers, PEFT or kohya adapter file (or folder) at `scale`; `fuse` merges it into the weights."""
         from flax_lora.formats import load_adapter
-        from flax_lora.lora import merge_lora
 
         if not os.path.exists(path):
             raise FileNotFoundError(f"LoRA adapter {path} does not exist")
-        adapter = load_adapter(path, self.pipe.params)
-        lora = LoadedLora(adapter=adapter, scale=float(scale), name=name or os.fspath(path), fused=fuse)
+        return self.add_lora(load_adapter(path, self.pipe.params), scale, fuse, name or os.fspath(path))
+
+    def add_lora(self, adapter, scale: float = 1.0, fuse: bool = False, name: str = "adapter"):
+        """Add an in-memory `LoraAdapter` (e.g. a trainer's current weights) at `scale`; `fuse` merges it in."""
+        from flax_lora.lora import merge_lora
+
+        lora = LoadedLora(adapter=adapter, scale=float(scale), name=name, fused=fuse)
         if fuse:
             params = dict(self.params)
             for component, tree in adapter.params.items():
@@ -392,6 +397,10 @@ class FlaxLoraPipeline:
         do_cfg = guidance_scale > 1.0  # as diffusers: guidance 1 or less runs the conditional branch only
         fn = self._sampling_fn(name, int(num_inference_steps), do_cfg)
         images = fn(self.params, self._lora_args(), cond, uncond, init, jnp.float32(guidance_scale))
+        if not images.is_fully_addressable:  # several processes (e.g. a multi-host trainer): each gets every image
+            from jax.experimental import multihost_utils
+
+            images = multihost_utils.process_allgather(images, tiled=True)
         return np.asarray(images)[:batch]
 
     def _sampling_fn(self, scheduler: str, steps: int, do_cfg: bool) -> Callable:

@@ -8,6 +8,8 @@ Design:
   micro-batches inside the step, so one call is one optimizer update.
 - A batch holds either pixels + token ids (the step runs VAE and text encoder) or cached VAE posterior
   moments + text embeddings (the step only runs the UNet): `make_train_step` serves both and benchmarks.
+- Validation images come from `flax_lora.inference`'s pipeline on the step's base params and mesh; the
+  current LoRA weights are traced arguments of its sampler, so it compiles once for the whole run.
 - Data position = step (see flax_lora.data), so an orbax checkpoint of TrainState plus the step
   resumes exactly; SIGTERM saves one and exits.
 """
@@ -439,49 +441,26 @@ def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def make_sampler(pipe, adapter_configs: dict, schedule: NoiseSchedule, num_steps: int, guidance_scale: float,
-                 resolution: int, compute_dtype=jnp.float32) -> Callable:
-    """Jitted DDIM (eta=0) sampler with classifier-free guidance: fn(lora, base, ids, uncond_ids, rng) -> uint8 NHWC."""
-    scales = lora_scales(adapter_configs)
-    T = schedule.num_train_timesteps
-    stride = max(1, T // num_steps)
-    timesteps = np.arange(0, T, stride)[::-1][:num_steps].astype(np.int32)
-    ac = np.asarray(schedule.alphas_cumprod)
-    prev = np.concatenate([ac[timesteps[1:]], ac[:1]]).astype(np.float32)
-    h = resolution // pipe.vae_scale_factor
-    channels = pipe.unet.config.in_channels
-    sf = float(pipe.vae.config.scaling_factor)
+def make_validation_pipeline(pipe, train_step: TrainStep, prediction_type: str, steps: int, shape: tuple[int, ...]):
+    """inference.py's pipeline on the step's base params and mesh, and the scheduler name to sample with."""
+    from flax_lora.inference import FlaxLoraPipeline, make_sampler, scheduler_name_for_config
 
-    def sample(lora, base, ids, uncond_ids, rng):
-        lora = _cast(lora, compute_dtype)
-        te_tree = lora.get("text_encoder")
-        te_scale = scales.get("text_encoder", 1.0)
-        cond = encode_text(pipe, base["text_encoder"], ids, te_tree, te_scale)
-        uncond = encode_text(pipe, base["text_encoder"], uncond_ids, te_tree, te_scale)
-        emb = jnp.concatenate([uncond, cond])
-        x = jax.random.normal(rng, (ids.shape[0], channels, h, h), jnp.float32)
-
-        def body(i, x):
-            t, a, a_prev = jnp.asarray(timesteps)[i], jnp.asarray(ac)[jnp.asarray(timesteps)[i]], jnp.asarray(prev)[i]
-            tt = jnp.full((2 * x.shape[0],), t)
-            out = predict_noise(pipe, base["unet"], jnp.concatenate([x, x]).astype(compute_dtype), tt, emb,
-                                lora["unet"], scales["unet"]).astype(jnp.float32)
-            out_u, out_c = jnp.split(out, 2)
-            out = out_u + guidance_scale * (out_c - out_u)
-            if schedule.prediction_type == "v_prediction":
-                x0 = jnp.sqrt(a) * x - jnp.sqrt(1 - a) * out
-                eps = jnp.sqrt(a) * out + jnp.sqrt(1 - a) * x
-            else:
-                eps = out
-                x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
-            return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
-
-        x = jax.lax.fori_loop(0, len(timesteps), body, x)
-        img = pipe.vae.apply({"params": base["vae"]}, (x / sf).astype(compute_dtype), method=pipe.vae.decode).sample
-        img = jnp.clip((img.astype(jnp.float32) + 1) * 127.5, 0, 255).round().astype(jnp.uint8)
-        return jnp.transpose(img, (0, 2, 3, 1))
-
-    return jax.jit(sample)
+    # Sample with the target the LoRA learns (--prediction_type may override the pipeline's).
+    scheduler_config = {**pipe.scheduler_config, "prediction_type": prediction_type}
+    try:
+        name = scheduler_name_for_config(scheduler_config)
+    except ValueError:
+        logger.warning("validation samples with DDIM: %s has no Flax sampler", scheduler_config.get("_class_name"))
+        name = "ddim"
+    try:  # fail before training rather than at the first validation
+        make_sampler(scheduler_config, steps, shape, name)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot sample validation images with this model's scheduler: {e} (the trainer has no --scheduler "
+            "flag; train without --validation_prompt)"
+        ) from e
+    base = dataclasses.replace(pipe, params=train_step.base_params, scheduler_config=scheduler_config)
+    return FlaxLoraPipeline(base, mesh=train_step.mesh), name
 
 
 # --------------------------------------------------------------------------------------- checkpointing
@@ -776,26 +755,29 @@ def main(config: TrainConfig) -> dict:
 
         writer = SummaryWriter(os.path.join(output_dir, config.logging_dir))
 
-    sampler = None
+    validation = None
+    if config.validation_prompt and config.num_validation_images > 0:
+        side = config.resolution // pipe.vae_scale_factor
+        shape = (config.num_validation_images, pipe.unet.config.in_channels, side, side)
+        validation = make_validation_pipeline(
+            pipe, train_step, schedule.prediction_type, config.num_inference_steps, shape
+        )
 
     def validate(step: int, final: bool = False) -> list[str]:
-        nonlocal sampler
-        if not config.validation_prompt or config.num_validation_images < 1:
+        if validation is None:
             return []
         from PIL import Image
 
-        from flax_lora.data import tokenize
+        from flax_lora.inference import to_uint8
 
-        if sampler is None:
-            sampler = make_sampler(pipe, configs, schedule, config.num_inference_steps, config.guidance_scale,
-                                   config.resolution, compute_dtype)
-        n = config.num_validation_images
-        ids = tokenize(pipe.tokenizer, [config.validation_prompt] * n)
-        uncond = tokenize(pipe.tokenizer, [""] * n)
-        images = np.asarray(jax.device_get(sampler(
-            to_host(state.params), {k: pipe.params[k] for k in ("unet", "text_encoder", "vae")}, ids, uncond,
-            jax.random.PRNGKey(seed + 2),
-        )))
+        pipeline, scheduler = validation
+        pipeline.unload_loras()  # the adapter is the current weights; same shapes, so no recompilation
+        pipeline.add_lora(LoraAdapter(params=to_host(state.params), configs=configs), name="training")
+        images = to_uint8(pipeline(
+            config.validation_prompt, num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale, scheduler=scheduler, height=config.resolution,
+            width=config.resolution, num_images=config.num_validation_images, seed=seed + 2,
+        ))
         paths = []
         if is_main:
             folder = os.path.join(output_dir, "samples")

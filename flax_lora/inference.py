@@ -17,17 +17,17 @@ Design:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import os
-import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
+from flax_lora.cli import flag as _f
 
 logger = logging.getLogger(__name__)
 
@@ -454,14 +454,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _f(default, help: str, choices=None):
-    """Dataclass field with its CLI help text (and optional choices)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
-
-
-MIXED_PRECISION = ("no", "bf16", "fp16")
-
-
 @dataclass
 class InferConfig:
     """Every inference option; `python infer_flax.py --help` lists them."""
@@ -518,11 +510,7 @@ class InferConfig:
             raise ValueError(f"{len(self.lora_scale)} --lora_scale values for {len(self.lora)} --lora files")
         if self.pretrained_model_name_or_path is None and not self.lora:
             raise ValueError("give --pretrained_model_name_or_path (or a --lora whose metadata names its base model)")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ValueError(f"--{f.name} must be one of {', '.join(choices)}; got {value!r}")
+        check_choices(self)
 
     @property
     def scales(self) -> list[float]:
@@ -534,37 +522,9 @@ class InferConfig:
         return self.lora_scale
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse parser with one flag per InferConfig field (lists are repeatable flags)."""
-    parser = argparse.ArgumentParser(
-        description="Generate images with Stable Diffusion and LoRA adapters in JAX/Flax.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    hints = typing.get_type_hints(InferConfig)
-    for f in dataclasses.fields(InferConfig):
-        tp = hints[f.name]
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
-        if typing.get_origin(tp) is list:
-            kwargs.update(action="append", type=typing.get_args(tp)[0], default=None)
-        elif tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            kwargs["type"] = args[0] if args else tp
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kwargs)
-    return parser
-
-
 def parse_args(argv: list[str] | None = None) -> InferConfig:
     """Parse command-line flags into a validated InferConfig (errors exit with a usage message)."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        return InferConfig(**vars(ns))
-    except ValueError as e:
-        parser.error(str(e))
+    return parse_config(InferConfig, "Generate images with Stable Diffusion and LoRA adapters in JAX/Flax.", argv)
 
 
 def output_paths(config: InferConfig, count: int) -> list[str]:

@@ -53,11 +53,15 @@ def build_parser(config_class: type, description: str) -> argparse.ArgumentParse
     return parser
 
 
-def parse_config(config_class: type[Config], description: str, argv: list[str] | None = None) -> Config:
-    """Parse flags into a validated config; a ValueError from the config exits with a usage message."""
-    parser = build_parser(config_class, description)
+def config_from_args(parser: argparse.ArgumentParser, config_class: type[Config], argv: list[str] | None) -> Config:
+    """Parse flags with a built parser; a ValueError from the config exits with a usage message."""
     namespace = parser.parse_args(argv)
     try:
         return config_class(**vars(namespace))
     except ValueError as e:
         parser.error(str(e))
+
+
+def parse_config(config_class: type[Config], description: str, argv: list[str] | None = None) -> Config:
+    """Parse flags into a validated config."""
+    return config_from_args(build_parser(config_class, description), config_class, argv)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
+from flax_lora.cli import MIXED_PRECISION, build_parser, check_choices, config_from_args
 from flax_lora.cli import flag as _f
 
 LR_SCHEDULERS = (
@@ -26,6 +26,27 @@ REPORT_TO = ("tensorboard", "none")
 
 DEFAULT_TINY_MODEL = os.path.join("~", ".cache", "flax_lora", "tiny-sd1")
 DEFAULT_TINY_DATA = os.path.join("~", ".cache", "flax_lora", "tiny-shapes")
+# The built-in default run (no --pretrained_model_name_or_path): small settings for the tiny pipeline. They
+# replace the flag defaults only, so any flag the user gives still wins.
+BUILTIN_RUN_DEFAULTS = dict(
+    resolution=64,
+    train_batch_size=4,
+    max_train_steps=300,
+    learning_rate=1e-3,
+    lr_warmup_steps=0,
+    rank=8,
+    checkpointing_steps=100,
+    validation_prompt="a red circle on a white background",
+    num_validation_images=2,
+    validation_epochs=20,
+    num_inference_steps=20,
+    output_dir="tiny-lora-output",
+    center_crop=True,
+)
+_DESCRIPTION = (
+    "LoRA fine-tuning of Stable Diffusion with JAX/Flax (flags follow diffusers' train_text_to_image_lora.py). "
+    "With no model and data flags it trains a tiny built-in example."
+)
 
 
 @dataclass
@@ -181,9 +202,7 @@ class TrainConfig:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse command-line flags into a validated TrainConfig (errors exit with a usage message)."""
-    return parse_config(
-        TrainConfig,
-        "LoRA fine-tuning of Stable Diffusion with JAX/Flax (flags follow diffusers' "
-        "train_text_to_image_lora.py). With no model and data flags it trains a tiny built-in example.",
-        argv,
-    )
+    parser = build_parser(TrainConfig, _DESCRIPTION)
+    if parser.parse_args(argv).pretrained_model_name_or_path is None:
+        parser.set_defaults(**BUILTIN_RUN_DEFAULTS)
+    return config_from_args(parser, TrainConfig, argv)

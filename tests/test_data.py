@@ -127,3 +127,13 @@ def test_hf_datasets_path_reads_an_imagefolder(shapes_dir):
     assert data.load_image(0).size == (32, 32) and "white background" in data.captions(0)[0]
     with pytest.raises(ValueError, match="column 'prompt' not found.*--caption_column"):
         load_hf_dataset(shapes_dir, caption_column="prompt")
+
+
+def test_builtin_run_defaults_yield_to_flags_the_user_gives():
+    from flax_lora.config import BUILTIN_RUN_DEFAULTS
+
+    demo = parse_args(["--validation_epochs", "1"])
+    assert demo.validation_epochs == 1  # given explicitly, even though it equals the usual default
+    assert demo.resolution == BUILTIN_RUN_DEFAULTS["resolution"] and demo.max_train_steps == 300
+    real = parse_args(["--pretrained_model_name_or_path", "some/model", "--train_data_dir", "images"])
+    assert real.resolution == 512 and real.max_train_steps is None  # diffusers' defaults for a real model

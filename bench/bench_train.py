@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import resource
 import subprocess
@@ -240,7 +239,6 @@ def run_flax(cfg: BenchConfig) -> dict:
     import optax
     from types import SimpleNamespace
 
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from flax_lora import loading
     from flax_lora.lora import LoraConfig, UNET_TARGETS, init_lora
@@ -279,8 +277,7 @@ def run_flax(cfg: BenchConfig) -> dict:
         step = make_train_step(
             pipe, {"unet": lora_config}, optimizer, schedule, mesh, base_params={"unet": base}, compute_dtype=compute_dtype
         )
-        # Placed as the step's output is, or the second call compiles again (as train.py's loop does).
-        state = jax.device_put(create_train_state({"unet": lora}, optimizer, cfg.seed), NamedSharding(mesh, P()))
+        state = create_train_state({"unet": lora}, optimizer, cfg.seed, mesh)
         batch = jax.device_put({k: v[None] for k, v in batch.items()}, batch_sharding(mesh))  # (accum=1, B, ...)
         run = step
         compiles = step.compiled_count

@@ -188,14 +188,16 @@ class TrainState:
     rng: jax.Array  # raw uint32 key, so orbax stores it as a plain array
 
 
-def create_train_state(lora_params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Fresh state for LoRA params (optimizer state covers the LoRA tree only)."""
-    return TrainState(
+def create_train_state(lora_params: dict, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
+    """Fresh state for LoRA params (optimizer state covers the LoRA tree only), replicated over the mesh."""
+    state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=lora_params,
         opt_state=optimizer.init(lora_params),
         rng=jax.random.PRNGKey(seed),
     )
+    # Placed as the step returns it, so the second call finds the same input shardings and does not recompile.
+    return jax.device_put(state, NamedSharding(mesh, P()))
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -316,9 +318,12 @@ def make_train_step(
             loss, grads = grad_fn(state.params, base, micro, key)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(body, zeros, (batch, keys))
-        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        if accum == 1:  # no accumulation: skip the scan and its zero-filled carry
+            loss, grads = grad_fn(state.params, base, jax.tree.map(lambda x: x[0], batch), keys[0])
+        else:
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, (batch, keys))
+            loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -588,27 +593,10 @@ class _Preemption:
 
 
 def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
-    """With no model and data flags: tiny pipeline + built-in shapes, and small-run defaults for unset flags."""
+    """With no model flag: build the tiny pipeline (and the built-in shapes, with no data flag) and point at them."""
     from flax_lora.data import build_tiny_dataset
     from flax_lora.tiny import build_tiny_pipeline
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    tiny = dict(
-        resolution=64,
-        train_batch_size=4,
-        max_train_steps=300,
-        learning_rate=1e-3,
-        lr_warmup_steps=0,
-        rank=8,
-        checkpointing_steps=100,
-        validation_prompt="a red circle on a white background",
-        num_validation_images=2,
-        validation_epochs=20,
-        num_inference_steps=20,
-        output_dir="tiny-lora-output",
-        center_crop=True,
-    )
-    changes = {k: v for k, v in tiny.items() if getattr(config, k) == defaults[k]}
     builtin_data = config.dataset_name is None and config.train_data_dir is None
     # Process 0 builds the shared files; the others wait, so no two writers race on one cache folder.
     if jax.process_index() == 0:
@@ -619,10 +607,8 @@ def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("tiny pipeline and dataset built")
-    changes["pretrained_model_name_or_path"] = os.path.expanduser(DEFAULT_TINY_MODEL)
-    if builtin_data:
-        changes["train_data_dir"] = DEFAULT_TINY_DATA
-    return dataclasses.replace(config, **changes)
+    data = {"train_data_dir": DEFAULT_TINY_DATA} if builtin_data else {}
+    return dataclasses.replace(config, pretrained_model_name_or_path=os.path.expanduser(DEFAULT_TINY_MODEL), **data)
 
 
 def init_distributed(config: TrainConfig) -> None:
@@ -716,8 +702,7 @@ def main(config: TrainConfig) -> dict:
     )
     lora_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(adapter.params))
     optimizer, lr_fn = make_optimizer(config, total_steps, learning_rate)
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(create_train_state(lora_params, optimizer, seed), replicated)
+    state = create_train_state(lora_params, optimizer, seed, mesh)
     train_step = make_train_step(
         pipe, configs, optimizer, schedule, mesh, snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
         compute_dtype=compute_dtype, lr_fn=lr_fn,

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 from flax_lora.data import build_tiny_dataset
 

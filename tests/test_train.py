@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flax_lora import train as T
 from flax_lora.config import TrainConfig
@@ -101,7 +100,7 @@ def test_sharded_step_trains_lora_only_and_compiles_once(pipe, two_images):
     adapter = new_adapter(jax.random.PRNGKey(1), pipe.params, configs["unet"])
     optimizer, lr_fn = T.make_optimizer(config, 10, config.learning_rate)
     base_before = jax.tree.map(np.array, pipe.params)
-    state = jax.device_put(T.create_train_state(adapter.params, optimizer, 0), NamedSharding(mesh, P()))
+    state = T.create_train_state(adapter.params, optimizer, 0, mesh)
     lora_before = jax.tree.map(np.array, state.params)
     step = T.make_train_step(
         pipe, configs, optimizer, T.noise_schedule(pipe.scheduler_config), mesh, snr_gamma=5.0, lr_fn=lr_fn
@@ -194,10 +193,21 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
 
     from flax_lora.formats import load_adapter
 
-    result = T.main(_config(tiny_sd1_path, two_images, tmp_path / "run", max_train_steps=40, checkpointing_steps=1000))
+    config = _config(
+        tiny_sd1_path, two_images, tmp_path / "run", max_train_steps=40, checkpointing_steps=1000,
+        validation_prompt="a red circle", validation_epochs=20, num_validation_images=2, num_inference_steps=4,
+    )
+    result = T.main(config)
     out = tmp_path / "run"
     adapter_file = out / "pytorch_lora_weights.safetensors"
     assert result["step"] == 40 and adapter_file.is_file() and (out / "loss.png").is_file()
+    # Validation ran mid-run and at the end, through the inference pipeline, and drew real images.
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    assert {"final_0.png", "final_1.png", "step000020_0.png"} <= set(samples), samples
+    from PIL import Image
+
+    final = np.asarray(Image.open(out / "samples" / "final_0.png"))
+    assert final.shape == (64, 64, 3) and final.std() > 1
 
     batch = _eval_batch(pipe, two_images)
     adapter = load_adapter(str(adapter_file), pipe.params)

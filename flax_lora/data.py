@@ -22,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from flax_lora.loading import tokenize
+
 logger = logging.getLogger(__name__)
 
 
@@ -240,14 +242,6 @@ def preprocess_image(
     if random_flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
     return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1))
-
-
-def tokenize(tokenizer, captions: list[str]) -> np.ndarray:
-    """Token ids padded/truncated to the tokenizer's max length, int32 (N, L)."""
-    out = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
-    )
-    return out.input_ids.astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------- loader

@@ -28,6 +28,7 @@ import numpy as np
 
 from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
 from flax_lora.cli import flag as _f
+from flax_lora.loading import tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -321,12 +322,6 @@ class FlaxLoraPipeline:
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return side, side
 
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
-        """Token ids padded to the tokenizer's max length, as PyTorch diffusers pads them."""
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np")
-        return ids.input_ids.astype(np.int32)
-
     def prepare_latents(
         self, batch: int, height: int, width: int, seed: int = 0, latents: np.ndarray | None = None
     ) -> np.ndarray:
@@ -385,8 +380,8 @@ class FlaxLoraPipeline:
             raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
 
         # diffusers' order: every prompt's images together (prompt 0 x K, prompt 1 x K, ...).
-        cond = np.repeat(self.tokenize(prompts), num_images, axis=0)
-        uncond = np.repeat(self.tokenize(negatives), num_images, axis=0)
+        cond = np.repeat(tokenize(self.pipe.tokenizer, prompts), num_images, axis=0)
+        uncond = np.repeat(tokenize(self.pipe.tokenizer, negatives), num_images, axis=0)
         batch = cond.shape[0]
         init = self.prepare_latents(batch, height, width, seed, latents)
         # The batch axis is split over every device: pad it to a multiple of the device count.

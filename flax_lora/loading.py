@@ -114,6 +114,12 @@ class SDPipeline:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
+def tokenize(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """Token ids padded/truncated to the tokenizer's max length, int32 (N, L), as diffusers pads prompts."""
+    out = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np")
+    return out.input_ids.astype(np.int32)
+
+
 def weight_files(folder_files: list[str], component: str, variant: str | None) -> list[str]:
     """Pick the weight file(s) of one component folder from a file listing, best format first."""
     suffix = f".{variant}" if variant else ""

@@ -435,7 +435,7 @@ def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
 
 def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> np.ndarray:
     """Text-encoder output for each example's first caption, (n, L, D)."""
-    from flax_lora.data import tokenize
+    from flax_lora.loading import tokenize
 
     ids = tokenize(pipe.tokenizer, [data.captions(i)[0] for i in range(len(data))])
     return _local_map(

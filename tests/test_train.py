@@ -11,7 +11,8 @@ import pytest
 
 from flax_lora import train as T
 from flax_lora.config import TrainConfig
-from flax_lora.data import BatchLoader, build_tiny_dataset, load_image_folder, preprocess_image, tokenize
+from flax_lora.data import BatchLoader, build_tiny_dataset, load_image_folder, preprocess_image
+from flax_lora.loading import tokenize
 
 torch = pytest.importorskip("torch")
 

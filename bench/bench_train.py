@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flax_lora.cli import build_parser, check_choices
+from flax_lora.cli import flag as _f
+
 # A SD 1.5 LoRA training step (forward + backward, 64x64 latents, text length 77) costs about this much.
 SD15_FLOP_PER_IMAGE = 1.73e12
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -92,39 +95,28 @@ UNET_CONFIGS: dict[str, dict] = {
 class BenchConfig:
     """One benchmark run: the model, the work per step and the options tried on each side."""
 
-    config: str = "small"
-    steps: int = 20  # timed steps
-    warmup: int = 2  # untimed steps after the first (compiling) one
-    batch: int = 2
-    sample_size: int = 0  # latent height/width override (0 = the config's)
-    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 LoRA master weights, as diffusers' scripts)
-    lora_mode: str = "unmerged"  # unmerged: x@A@B path (lora_scope); merged: W + s*A@B inside the step
-    flax_step: str = "project"  # project: flax_lora.train.make_train_step; local: this file's step
-    flax_unet: str = "exact"  # exact: flax_lora.loading's UNet (PyTorch numerics); diffusers: the stock Flax port
-    rank: int = 4
-    alpha: float = 4.0
-    learning_rate: float = 1e-4
-    threads: int = 0  # CPU cores both frameworks may use (0 = all this process may use)
-    device: str = "auto"  # auto | cpu | gpu
-    xla_flags: str = ""  # extra XLA_FLAGS for the flax worker
-    peak_tflops: float = 989.0  # accelerator peak for MFU (H100 dense bf16)
-    frameworks: str = "flax,torch"
-    out: str = ""  # JSON path; default bench/results/<config>-<device>.json
-    seed: int = 0
+    config: str = _f("small", "UNet config: tiny (smoke test), small (CPU), sd15 (the real SD 1.5 UNet, for a GPU).", tuple(UNET_CONFIGS))
+    steps: int = _f(20, "Timed steps.")
+    warmup: int = _f(2, "Untimed steps after the first (compiling) one.")
+    batch: int = _f(2, "Images per step.")
+    sample_size: int = _f(0, "Latent height/width override (0 = the config's).")
+    precision: str = _f("fp32", "bf16: bf16 compute with fp32 LoRA master weights, as diffusers' scripts.", ("fp32", "bf16"))
+    lora_mode: str = _f("unmerged", "unmerged: the x@A@B path (lora_scope); merged: W + s*A@B inside the step.", ("unmerged", "merged"))
+    flax_step: str = _f("project", "project: flax_lora.train.make_train_step; local: this file's step.", ("project", "local"))
+    flax_unet: str = _f("exact", "exact: flax_lora.loading's UNet (PyTorch numerics); diffusers: the stock Flax port.", ("exact", "diffusers"))
+    rank: int = _f(4, "LoRA rank.")
+    alpha: float = _f(4.0, "LoRA alpha.")
+    learning_rate: float = _f(1e-4, "AdamW learning rate.")
+    threads: int = _f(0, "CPU cores both frameworks may use (0 = all this process may use).")
+    device: str = _f("auto", "Where to run.", ("auto", "cpu", "gpu"))
+    xla_flags: str = _f("", "Extra XLA_FLAGS for the flax worker.")
+    peak_tflops: float = _f(989.0, "Accelerator peak TFLOP/s for MFU (989 = H100 dense bf16).")
+    frameworks: str = _f("flax,torch", "Comma-separated frameworks to run.")
+    out: str = _f("", "JSON path; default bench/results/<config>-<device>.json.")
+    seed: int = _f(0, "Seed of weights and inputs.")
 
     def __post_init__(self):
-        if self.config not in UNET_CONFIGS:
-            raise ValueError(f"unknown --config {self.config!r}; expected one of {sorted(UNET_CONFIGS)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        if self.lora_mode not in ("unmerged", "merged"):
-            raise ValueError(f"--lora_mode must be unmerged or merged, got {self.lora_mode!r}")
-        if self.flax_step not in ("project", "local"):
-            raise ValueError(f"--flax_step must be project or local, got {self.flax_step!r}")
-        if self.flax_unet not in ("exact", "diffusers"):
-            raise ValueError(f"--flax_unet must be exact or diffusers, got {self.flax_unet!r}")
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"--device must be auto, cpu or gpu, got {self.device!r}")
+        check_choices(self)
         if self.steps < 1 or self.batch < 1 or self.warmup < 0 or self.sample_size < 0:
             raise ValueError("--steps and --batch must be >= 1, --warmup and --sample_size >= 0")
         unknown = set(self.framework_list) - set(FRAMEWORKS)
@@ -140,6 +132,7 @@ def sd15_alphas_cumprod():
     """SD 1.5's training schedule (scaled_linear, 0.00085..0.012, 1000 steps) as float32 numpy."""
     import numpy as np
 
+    # Not flax_lora.train.noise_schedule: the PyTorch worker must not import jax, or its peak RSS includes it.
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     return np.cumprod(1.0 - betas).astype(np.float32)
 
@@ -524,16 +517,17 @@ def run_bench(cfg: BenchConfig) -> tuple[dict, Path]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig | None, argparse.Namespace]:
     """Flags generated from BenchConfig, plus the hidden worker flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(BenchConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    parser = build_parser(BenchConfig, __doc__.splitlines()[0])
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--worker_out", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spec:
         return BenchConfig(**json.loads(args.spec)), args
-    return BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}), args
+    try:
+        return BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}), args
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,15 @@ from pathlib import Path
 
 TINY_KINDS = ("sd1", "sd2")
 _TOKENIZER_MAX_LENGTH = 16
+# The noise schedule every Stable Diffusion 1.x/2.x scheduler config shares.
+SD_SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def _write_tokenizer(out_dir: Path) -> None:
@@ -93,18 +102,10 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
     )
     text_encoder = CLIPTextModel(text_config)
     # The schedulers the real checkpoints ship: SD 1.5 PNDM (epsilon), SD 2.x DDIM (v_prediction).
-    schedule = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     if kind == "sd2":
-        scheduler = DDIMScheduler(**schedule, clip_sample=False, prediction_type="v_prediction")
+        scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="v_prediction")
     else:
-        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True)
+        scheduler = PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
     tmp = out.with_name(out.name + ".partial")
     _write_tokenizer(tmp / "tokenizer")
     pipe = StableDiffusionPipeline(

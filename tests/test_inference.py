@@ -107,14 +107,8 @@ def _scheduler_configs() -> dict[str, dict]:
     """Scheduler configs as real checkpoints ship them, plus non-default timestep spacings."""
     from diffusers import DDIMScheduler, PNDMScheduler
 
-    schedule = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    from flax_lora.tiny import SD_SCHEDULE as schedule
+
     return {
         "sd1-pndm": dict(PNDMScheduler(**schedule, skip_prk_steps=True).config),
         "sd2-ddim-v": dict(DDIMScheduler(**schedule, clip_sample=False, prediction_type="v_prediction").config),

@@ -104,6 +104,10 @@ class BenchConfig:
     lora_mode: str = _f("unmerged", "unmerged: the x@A@B path (lora_scope); merged: W + s*A@B inside the step.", ("unmerged", "merged"))
     flax_step: str = _f("project", "project: flax_lora.train.make_train_step; local: this file's step.", ("project", "local"))
     flax_unet: str = _f("exact", "exact: flax_lora.loading's UNet (PyTorch numerics); diffusers: the stock Flax port.", ("exact", "diffusers"))
+    flax_attention: str = _f(
+        "standard", "standard: diffusers' Flax attention; memory_efficient: its query-chunked variant.",
+        ("standard", "memory_efficient"),
+    )
     rank: int = _f(4, "LoRA rank.")
     alpha: float = _f(4.0, "LoRA alpha.")
     learning_rate: float = _f(1e-4, "AdamW learning rate.")
@@ -239,11 +243,12 @@ def run_flax(cfg: BenchConfig) -> dict:
 
     device = jax.devices()[0]
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-    # The UNet class load_pipeline builds (PyTorch numerics); named _exact_unet_class in older revisions.
-    unet_cls = loading.unet_class() if hasattr(loading, "unet_class") else loading._exact_unet_class()
+    unet_cls = loading.unet_class()  # the class load_pipeline builds (PyTorch numerics)
     if cfg.flax_unet == "diffusers":  # tanh GELU, GroupNorm eps 1e-5: not what PyTorch computes; for timing only
         from diffusers import FlaxUNet2DConditionModel as unet_cls
-    unet = unet_cls.from_config(unet_config(cfg), dtype=compute_dtype)
+    unet = unet_cls.from_config(
+        unet_config(cfg), dtype=compute_dtype, use_memory_efficient_attention=cfg.flax_attention == "memory_efficient"
+    )
     rng = jax.random.PRNGKey(cfg.seed)
     lora_config = LoraConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=UNET_TARGETS)
     # Build on the host, so the accelerator's peak memory holds only what training keeps there (the base in the

@@ -278,13 +278,20 @@ def load_pipeline(
     variant: str | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
+    memory_efficient_attention: bool = False,
 ) -> SDPipeline:
-    """Load UNet, text encoder, VAE, tokenizer and scheduler config of a diffusers pipeline into Flax."""
+    """Load UNet, text encoder, VAE, tokenizer and scheduler config of a diffusers pipeline into Flax.
+
+    `memory_efficient_attention` computes the UNet's attention in query chunks (diffusers' Flax option): the
+    same outputs without the full attention matrix; on CPU it is also faster.
+    """
     from diffusers import FlaxAutoencoderKL
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
     folder = Path(resolve_pipeline_folder(name_or_path, revision, variant))
-    unet = unet_class().from_config(_read_json(folder / "unet" / "config.json"), dtype=dtype)
+    unet = unet_class().from_config(
+        _read_json(folder / "unet" / "config.json"), dtype=dtype, use_memory_efficient_attention=memory_efficient_attention
+    )
     vae = FlaxAutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"), dtype=dtype)
     text_config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))
     text_encoder = FlaxCLIPTextModel(text_config, dtype=dtype, _do_init=False)

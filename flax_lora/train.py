@@ -664,7 +664,12 @@ def main(config: TrainConfig) -> dict:
     if config.mixed_precision == "fp16":
         logger.warning("fp16 trains without loss scaling here; prefer --mixed_precision bf16 where the hardware has it")
     pipe = load_pipeline(
-        config.pretrained_model_name_or_path, config.revision, config.variant, dtype=compute_dtype, param_dtype=compute_dtype
+        config.pretrained_model_name_or_path,
+        config.revision,
+        config.variant,
+        dtype=compute_dtype,
+        param_dtype=compute_dtype,
+        memory_efficient_attention=config.enable_xformers_memory_efficient_attention,
     )
     schedule = noise_schedule(pipe.scheduler_config, config.prediction_type)
     data = load_training_data(config)

@@ -161,3 +161,17 @@ def test_hub_id_downloads_only_the_chosen_weights(tiny_sd1_path, tmp_path, monke
     assert "unet/diffusion_pytorch_model.safetensors" in patterns and "text_encoder/model.safetensors" in patterns
     assert not any(p.endswith((".bin", ".msgpack")) or p.startswith("safety_checker") for p in patterns)
     assert pipe.name == "someone/tiny-sd" and pipe.path == tiny_sd1_path
+
+
+def test_memory_efficient_attention_gives_the_same_unet_output(tiny_sd1_path):
+    standard = load_pipeline(tiny_sd1_path)
+    chunked = load_pipeline(tiny_sd1_path, memory_efficient_attention=True)
+    assert chunked.unet.use_memory_efficient_attention and not standard.unet.use_memory_efficient_attention
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    text = rng.standard_normal((2, 16, 32)).astype(np.float32)
+
+    def run(pipe):
+        return np.asarray(pipe.unet.apply({"params": pipe.params["unet"]}, latents, jnp.array([5, 900]), text).sample)
+
+    np.testing.assert_allclose(run(chunked), run(standard), atol=1e-5)

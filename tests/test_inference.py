@@ -310,3 +310,12 @@ def test_sizes_not_divisible_by_8_are_clear_errors(sd1, capsys):
         parse_args(["--pretrained_model_name_or_path", "m", "--prompt", "x", "--lora", "a", "--lora", "b",
                     "--lora_scale", "1", "--lora_scale", "2", "--lora_scale", "3"])  # fmt: skip
     assert "3 --lora_scale values for 2 --lora files" in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_adapter_as_a_message(tiny_sd1_path, tmp_path):
+    """A user error ends the CLI with the message (exit status 1), not a traceback."""
+    import infer_flax
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(SystemExit, match=r"error: LoRA adapter .*missing\.safetensors does not exist"):
+        infer_flax.main(["--pretrained_model_name_or_path", tiny_sd1_path, "--lora", str(missing), "--prompt", "x"])

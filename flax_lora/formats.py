@@ -167,7 +167,7 @@ def resolve_adapter_file(path: str | os.PathLike) -> Path:
             )
         return files[0]
     if not target.exists():
-        raise FileNotFoundError(f"adapter file {target} does not exist")
+        raise FileNotFoundError(f"LoRA adapter file {target} does not exist")
     return target
 
 

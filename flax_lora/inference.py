@@ -271,8 +271,6 @@ class FlaxLoraPipeline:
         """Add a diffusers, PEFT or kohya adapter file (or folder) at `scale`; `fuse` merges it into the weights."""
         from flax_lora.formats import load_adapter
 
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"LoRA adapter {path} does not exist")
         return self.add_lora(load_adapter(path, self.pipe.params), scale, fuse, name or os.fspath(path))
 
     def add_lora(self, adapter, scale: float = 1.0, fuse: bool = False, name: str = "adapter"):
@@ -552,9 +550,10 @@ def run(config: InferConfig) -> list[str]:
     """Load the model and adapters, generate, write PNGs; return their paths."""
     from PIL import Image
 
+    from flax_lora.formats import resolve_adapter_file
+
     for path in config.lora:  # fail before the (slow) model load
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"LoRA adapter {path} does not exist")
+        resolve_adapter_file(path)
     dtype = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[config.mixed_precision]
     pipeline = FlaxLoraPipeline.from_pretrained(
         resolve_base_model(config), revision=config.revision, variant=config.variant, dtype=dtype

@@ -28,7 +28,7 @@ import numpy as np
 
 from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
 from flax_lora.cli import flag as _f
-from flax_lora.loading import tokenize
+from flax_lora.loading import COMPUTE_DTYPES, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -365,12 +365,11 @@ class FlaxLoraPipeline:
             num_images = 1 if latents is None else max(1, len(latents) // len(prompts))
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        f = self.pipe.vae_scale_factor
         if latents is not None and height is None and width is None:
-            f = self.pipe.vae_scale_factor
             height, width = np.shape(latents)[-2] * f, np.shape(latents)[-1] * f
         default_h, default_w = self.default_size()
         height, width = height or default_h, width or default_w
-        f = self.pipe.vae_scale_factor
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
         name = scheduler or scheduler_name_for_config(self.pipe.scheduler_config)
@@ -554,7 +553,7 @@ def run(config: InferConfig) -> list[str]:
 
     for path in config.lora:  # fail before the (slow) model load
         resolve_adapter_file(path)
-    dtype = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[config.mixed_precision]
+    dtype = COMPUTE_DTYPES[config.mixed_precision]
     pipeline = FlaxLoraPipeline.from_pretrained(
         resolve_base_model(config), revision=config.revision, variant=config.variant, dtype=dtype
     )

@@ -157,6 +157,10 @@ class SDPipeline:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
+# --mixed_precision values (flax_lora.cli.MIXED_PRECISION) -> compute dtype of the frozen model.
+COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
 def tokenize(tokenizer: Any, texts: list[str]) -> np.ndarray:
     """Token ids padded/truncated to the tokenizer's max length, int32 (N, L), as diffusers pads prompts."""
     out = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np")

@@ -38,7 +38,6 @@ from flax_lora.config import DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
 logger = logging.getLogger("flax_lora.train")
 
 DATA_AXIS = "data"
-_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
 # --------------------------------------------------------------------------------------- noise schedule
@@ -626,28 +625,15 @@ def init_distributed(config: TrainConfig) -> None:
         jax.distributed.initialize()
 
 
-def _quiet_libraries() -> None:
-    """Hide the Flax-deprecation warnings diffusers/transformers print for every module."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
-    for name in ("diffusers", "transformers"):
-        try:
-            __import__(f"{name}.utils", fromlist=["logging"]).logging.set_verbosity_error()
-        except Exception:
-            pass
-
-
 def main(config: TrainConfig) -> dict:
     """Train a LoRA adapter as configured; returns a summary (paths, final step, losses)."""
     from tqdm.auto import tqdm
 
     from flax_lora.data import BatchLoader, load_training_data
     from flax_lora.formats import save_adapter
-    from flax_lora.loading import load_pipeline
+    from flax_lora.loading import COMPUTE_DTYPES, load_pipeline
     from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraAdapter, LoraConfig, UNET_TARGETS, new_adapter
 
-    _quiet_libraries()
     init_distributed(config)
     if config.uses_builtin_defaults:
         config = apply_builtin_defaults(config)
@@ -660,7 +646,7 @@ def main(config: TrainConfig) -> dict:
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
 
-    compute_dtype = _DTYPES[config.mixed_precision]
+    compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
     if config.mixed_precision == "fp16":
         logger.warning("fp16 trains without loss scaling here; prefer --mixed_precision bf16 where the hardware has it")
     pipe = load_pipeline(

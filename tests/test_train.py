@@ -23,7 +23,6 @@ def compilation_cache(tmp_path_factory):
     old = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    T._quiet_libraries()
     yield
     for k, v in old.items():
         jax.config.update(k, v)

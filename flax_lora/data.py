@@ -14,8 +14,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flax_lora.loading import tokenize
+from flax_lora.tiny import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -193,31 +192,21 @@ def build_tiny_dataset(out_dir: str, num_images: int = 24, resolution: int = 64,
             if sum(1 for line in f if line.strip()) == num_images:
                 return out_dir
     rng = np.random.default_rng(seed)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-tiny-data-")
-    rows = []
-    for i in range(num_images):
-        color = list(_COLORS)[i % len(_COLORS)]
-        shape = _SHAPES[(i // len(_COLORS)) % len(_SHAPES)]
-        img = Image.new("RGB", (resolution, resolution), (255, 255, 255))
-        size = int(resolution * rng.uniform(0.4, 0.7))
-        x0, y0 = (int(v) for v in rng.integers(0, resolution - size + 1, size=2))
-        _draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + size, y0 + size), _COLORS[color])
-        name = f"{i:04d}.png"
-        img.save(os.path.join(tmp, name))
-        rows.append({"file_name": name, "text": f"a {color} {shape} on a white background"})
-    with open(os.path.join(tmp, "metadata.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    # Publish atomically so a concurrent or interrupted build never leaves a half-written folder.
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(meta):
-            raise
+    # Published at once, so a concurrent or interrupted build never leaves a half-written folder.
+    with atomic_directory(out_dir, "metadata.jsonl") as tmp:
+        rows = []
+        for i in range(num_images):
+            color = list(_COLORS)[i % len(_COLORS)]
+            shape = _SHAPES[(i // len(_COLORS)) % len(_SHAPES)]
+            img = Image.new("RGB", (resolution, resolution), (255, 255, 255))
+            size = int(resolution * rng.uniform(0.4, 0.7))
+            x0, y0 = (int(v) for v in rng.integers(0, resolution - size + 1, size=2))
+            _draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + size, y0 + size), _COLORS[color])
+            name = f"{i:04d}.png"
+            img.save(os.path.join(tmp, name))
+            rows.append({"file_name": name, "text": f"a {color} {shape} on a white background"})
+        with open(os.path.join(tmp, "metadata.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     return out_dir
 
 

@@ -6,8 +6,12 @@ No model hub is needed: every component is randomly initialised from a small con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 TINY_KINDS = ("sd1", "sd2")
@@ -21,6 +25,28 @@ SD_SCHEDULE = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, done_file: str) -> Iterator[Path]:
+    """A fresh folder beside `target` that replaces it only when the block succeeds; a crash leaves nothing.
+
+    `done_file` names a file of a finished folder, so a concurrent builder that published first is not an error.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        yield tmp
+        if target.is_dir():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / done_file).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_tokenizer(out_dir: Path) -> None:
@@ -71,8 +97,8 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
         return str(out)
     try:
         import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
     except ImportError as e:  # torch is a test/dev extra
         raise ImportError(f"building a tiny pipeline needs PyTorch: pip install torch==2.13.0 ({e})") from e
 
@@ -106,19 +132,25 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
         scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="v_prediction")
     else:
         scheduler = PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
-    tmp = out.with_name(out.name + ".partial")
-    _write_tokenizer(tmp / "tokenizer")
+    with atomic_directory(out, "model_index.json") as tmp:
+        _save_pipeline(tmp, unet, vae, text_encoder, scheduler)
+    return str(out)
+
+
+def _save_pipeline(folder: Path, unet, vae, text_encoder, scheduler) -> None:
+    """Assemble a StableDiffusionPipeline with the local tokenizer and save it as safetensors."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    _write_tokenizer(folder / "tokenizer")
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer")),
+        tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    # A finished folder appears at once or not at all, so a crash never leaves a half-built pipeline.
-    os.replace(tmp, out)
-    return str(out)
+    pipe.save_pretrained(str(folder), safe_serialization=True)

@@ -191,3 +191,16 @@ def test_memory_efficient_attention_gives_the_same_unet_output(tiny_sd1_path):
 
     for a, b in zip(jax_leaves(lora_grads(chunked)), jax_leaves(lora_grads(standard))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_atomic_directory_publishes_only_a_finished_folder(tmp_path):
+    from flax_lora.tiny import atomic_directory
+
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out", "done.txt") as folder:
+            (folder / "done.txt").write_text("half")
+            raise RuntimeError("crash while building")
+    assert list(tmp_path.iterdir()) == []  # no half-built folder, no temporary left behind
+    with atomic_directory(tmp_path / "out", "done.txt") as folder:
+        (folder / "done.txt").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "done.txt").read_text() == "whole"

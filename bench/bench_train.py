@@ -105,8 +105,15 @@ class BenchConfig:
     flax_step: str = _f("project", "project: flax_lora.train.make_train_step; local: this file's step.", ("project", "local"))
     flax_unet: str = _f("exact", "exact: flax_lora.loading's UNet (PyTorch numerics); diffusers: the stock Flax port.", ("exact", "diffusers"))
     flax_attention: str = _f(
-        "standard", "standard: diffusers' Flax attention; memory_efficient: its query-chunked variant.",
+        "standard",
+        "standard: diffusers' Flax attention; memory_efficient: flax_lora.attention.chunked_attention (the trainer's "
+        "--enable_xformers_memory_efficient_attention).",
         ("standard", "memory_efficient"),
+    )
+    flax_cpu_devices: int = _f(
+        1,
+        "CPU only: XLA devices the flax side splits the cores into and trains data-parallel over (the trainer's "
+        "--num_cpu_devices); 0 = one per core when the batch divides evenly. Project step only.",
     )
     rank: int = _f(4, "LoRA rank.")
     alpha: float = _f(4.0, "LoRA alpha.")
@@ -121,8 +128,8 @@ class BenchConfig:
 
     def __post_init__(self):
         check_choices(self)
-        if self.steps < 1 or self.batch < 1 or self.warmup < 0 or self.sample_size < 0:
-            raise ValueError("--steps and --batch must be >= 1, --warmup and --sample_size >= 0")
+        if self.steps < 1 or self.batch < 1 or self.warmup < 0 or self.sample_size < 0 or self.flax_cpu_devices < 0:
+            raise ValueError("--steps and --batch must be >= 1, --warmup, --sample_size and --flax_cpu_devices >= 0")
         unknown = set(self.framework_list) - set(FRAMEWORKS)
         if unknown:
             raise ValueError(f"unknown --frameworks {sorted(unknown)}; expected a subset of {FRAMEWORKS}")
@@ -169,6 +176,15 @@ def _limit_threads(cfg: BenchConfig) -> int:
         cores = cores[: cfg.threads]
         os.sched_setaffinity(0, cores)
     return len(cores)
+
+
+def cpu_device_count(cfg: BenchConfig, cores: int) -> int:
+    """XLA CPU devices of the flax worker: --flax_cpu_devices, or with 0 one per core when the batch divides."""
+    if cfg.flax_cpu_devices:
+        if cfg.batch % cfg.flax_cpu_devices:
+            raise ValueError(f"--batch {cfg.batch} does not split over --flax_cpu_devices {cfg.flax_cpu_devices}")
+        return cfg.flax_cpu_devices
+    return cores if cfg.batch % cores == 0 else 1
 
 
 def _current_rss_bytes() -> int:
@@ -236,6 +252,9 @@ def run_flax(cfg: BenchConfig) -> dict:
     import optax
     from types import SimpleNamespace
 
+    use_project = cfg.flax_step == "project" and cfg.lora_mode == "unmerged"
+    cpu_devices = cpu_device_count(cfg, threads) if use_project else 1
+    jax.config.update("jax_num_cpu_devices", cpu_devices)  # before any JAX operation; CPU backend only
 
     from flax_lora import loading
     from flax_lora.lora import LoraConfig, UNET_TARGETS, init_lora
@@ -267,9 +286,9 @@ def run_flax(cfg: BenchConfig) -> dict:
         "latent_std": np.full(lat_shape, 0.1, np.float32),
         "text_embeddings": np.asarray(jax.random.normal(keys[1], emb_shape, jnp.float32)),
     }
-    use_project = cfg.flax_step == "project" and cfg.lora_mode == "unmerged"
     if use_project:
-        mesh = make_mesh([device])  # one device: like for like with the single-device PyTorch run
+        # On a GPU one device, like the PyTorch run; on CPU the devices that share the same cores as PyTorch's threads.
+        mesh = make_mesh(jax.devices()[:cpu_devices] if device.platform == "cpu" else [device])
         # The project step reads only `unet`, `vae.config.scaling_factor` and the base params from the pipeline.
         pipe = SimpleNamespace(unet=unet, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))
         step = make_train_step(
@@ -315,6 +334,7 @@ def run_flax(cfg: BenchConfig) -> dict:
         device_name=str(getattr(device, "device_kind", device.platform)),
         step_impl="flax_lora.train.make_train_step" if use_project else f"bench local step ({cfg.lora_mode})",
         threads=threads,
+        devices=int(mesh.size) if use_project else 1,
         first_step_s=first_step_s,
         step_s=elapsed / cfg.steps,
         memory_bytes=memory,
@@ -496,7 +516,8 @@ def format_table(summary: dict) -> str:
     rows = []
     for name, r in res.items():
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        rows.append([name, f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.3f}", f"{r['first_step_s']:.1f}",
+        label = name if r.get("devices", 1) == 1 else f"{name} ({r['devices']} CPU devices)"
+        rows.append([label, f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.3f}", f"{r['first_step_s']:.1f}",
                      f"{r['memory_bytes'] / 2**20:.0f}", mfu, f"{r['first_loss']:.4f}->{r['last_loss']:.4f}"])  # fmt: skip
     if ratio:
         rows.append(["flax/torch", f"{ratio['steps_per_s']:.2f}x", f"{ratio['images_per_s']:.2f}x",

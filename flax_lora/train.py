@@ -610,8 +610,16 @@ def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, pretrained_model_name_or_path=os.path.expanduser(DEFAULT_TINY_MODEL), **data)
 
 
-def init_distributed(config: TrainConfig) -> None:
-    """Start jax.distributed when several processes are configured (flags or cluster auto-detection)."""
+def init_devices(config: TrainConfig) -> None:
+    """Set the CPU device count and start jax.distributed when several processes are configured."""
+    if config.num_cpu_devices:
+        try:
+            jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
+        except RuntimeError as e:  # JAX reads it once, when its backends start
+            raise RuntimeError(
+                f"--num_cpu_devices {config.num_cpu_devices} cannot take effect: this process has already started "
+                "JAX. Train in a fresh process, or set JAX_NUM_CPU_DEVICES before JAX starts."
+            ) from e
     if config.coordinator_address is not None or config.multihost:
         # CPU-only processes need an explicit collectives backend; GPU/TPU ignore this option.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -634,7 +642,7 @@ def main(config: TrainConfig) -> dict:
     from flax_lora.loading import COMPUTE_DTYPES, load_pipeline
     from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraAdapter, LoraConfig, UNET_TARGETS, new_adapter
 
-    init_distributed(config)
+    init_devices(config)
     if config.uses_builtin_defaults:
         config = apply_builtin_defaults(config)
     is_main = jax.process_index() == 0

@@ -269,3 +269,26 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_sd1_p
         T.main(_config(tiny_sd1_path, two_images, tmp_path / "nan", max_train_steps=8, checkpointing_steps=2,
                        noise_offset=float("nan"), resume_from_checkpoint="latest"))
     assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == good
+
+
+def test_cli_splits_the_cpu_into_devices_with_memory_efficient_attention(tiny_sd1_path, two_images, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "cpu2"
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_flax.py"),
+           "--pretrained_model_name_or_path", tiny_sd1_path, "--train_data_dir", two_images, "--output_dir", str(out),
+           "--resolution", "64", "--center_crop", "--train_batch_size", "1", "--max_train_steps", "2",
+           "--report_to", "none", "--num_cpu_devices", "2", "--enable_xformers_memory_efficient_attention"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The conftest's 8 fake devices (XLA_FLAGS, inherited) give way to the flag: 2 devices, one row each.
+    assert "2 devices (1 processes), global batch 2 x 1 accumulation, 2 steps" in proc.stderr
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_num_cpu_devices_after_jax_started_says_so():
+    jax.devices()  # JAX has started in this process
+    with pytest.raises(RuntimeError, match="--num_cpu_devices 3 cannot take effect.*JAX_NUM_CPU_DEVICES"):
+        T.init_devices(TrainConfig(num_cpu_devices=3))

@@ -115,6 +115,11 @@ class BenchConfig:
         "CPU only: XLA devices the flax side splits the cores into and trains data-parallel over (the trainer's "
         "--num_cpu_devices); 0 = one per core when the batch divides evenly. Project step only.",
     )
+    huge_pages: bool = _f(
+        True,
+        "Run both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: glibc backs large host blocks with transparent "
+        "huge pages, so XLA:CPU's per-step buffers do not page-fault 4 KiB at a time (flax about 8 percent faster on `small`).",
+    )
     rank: int = _f(4, "LoRA rank.")
     alpha: float = _f(4.0, "LoRA alpha.")
     learning_rate: float = _f(1e-4, "AdamW learning rate.")
@@ -457,10 +462,12 @@ def run_torch(cfg: BenchConfig) -> dict:
 
 
 def _worker_env(cfg: BenchConfig, framework: str) -> dict:
-    """Environment of a worker: the chosen platform, and the flax worker's XLA flags."""
+    """Environment of a worker: the chosen platform, huge pages, and the flax worker's XLA flags."""
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    if cfg.huge_pages:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
     if framework == "flax":
         # One device, whatever a caller (e.g. the test suite's 8 fake CPU devices) had set.
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]

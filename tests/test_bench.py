@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_train.py"
 
 def test_bench_tiny_reports_both_frameworks(tmp_path):
     out = tmp_path / "tiny.json"
-    cmd = [sys.executable, str(BENCH), "--config", "tiny", "--steps", "2", "--warmup", "0", "--batch", "1",
-           "--device", "cpu", "--out", str(out)]  # fmt: skip
+    # The CPU options of the README's figures: chunked attention, one XLA device per core (0 = auto).
+    cmd = [sys.executable, str(BENCH), "--config", "tiny", "--steps", "2", "--warmup", "0", "--batch", "2",
+           "--device", "cpu", "--flax_attention", "memory_efficient", "--flax_cpu_devices", "0",
+           "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(out) in proc.stdout  # the JSON path is printed
@@ -27,5 +30,7 @@ def test_bench_tiny_reports_both_frameworks(tmp_path):
     # Same adapter size on both sides: same targets and rank.
     assert summary["results"]["flax"]["lora_params"] == summary["results"]["torch"]["lora_params"]
     assert summary["results"]["flax"]["step_impl"] == "flax_lora.train.make_train_step"
+    cores = len(os.sched_getaffinity(0))
+    assert summary["results"]["flax"]["devices"] == (cores if 2 % cores == 0 else 1)
     ratio = summary["ratio_flax_over_torch"]
     assert all(math.isfinite(v) and v > 0 for v in ratio.values())

@@ -12,6 +12,9 @@ Design:
   `--lora_mode merged` (fuse A@B into the kernels inside the step) is not a mode of the project step, so it
   runs a bench-local step with the same loss; `--flax_step local` runs that local step unmerged too, to
   compare like with like.
+- On CPU both workers get the same cores (`--threads`): PyTorch as intra-op threads, the flax side as one XLA
+  device (default) or as `--flax_cpu_devices` devices trained data-parallel, as the trainer's --num_cpu_devices
+  does. `--huge_pages` (default on) sets the same glibc huge-page tunable for both.
 - The flax UNet is the class `flax_lora.loading` builds (`unet_class()`: exact GELU and PyTorch's GroupNorm
   numerics), so both frameworks compute the same function.
 """

@@ -133,8 +133,9 @@ class TrainConfig:
     )
     enable_xformers_memory_efficient_attention: bool = _f(
         False,
-        "diffusers' flag, kept for drop-in use: here it computes the UNet's attention in query chunks (diffusers' "
-        "Flax memory-efficient attention; no xformers needed). Same results, less memory; faster on CPU.",
+        "diffusers' flag, kept for drop-in use: here the UNet's attention runs in chunks with a FlashAttention-2 "
+        "style backward (flax_lora.attention; no xformers needed). Same results, no attention matrix in memory; "
+        "faster on CPU.",
     )
     mixed_precision: str = _f(
         "no",

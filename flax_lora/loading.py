@@ -295,8 +295,8 @@ def load_pipeline(
 ) -> SDPipeline:
     """Load UNet, text encoder, VAE, tokenizer and scheduler config of a diffusers pipeline into Flax.
 
-    `memory_efficient_attention` computes the UNet's attention in query chunks: the same outputs without the
-    full attention matrix; on CPU it is also faster.
+    `memory_efficient_attention` computes the UNet's attention with `flax_lora.attention.chunked_attention`: the
+    same outputs and gradients without the full attention matrix; on CPU it is also faster.
     """
     from diffusers import FlaxAutoencoderKL
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel

@@ -121,7 +121,8 @@ class BenchConfig:
     huge_pages: bool = _f(
         True,
         "Run both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: glibc backs large host blocks with transparent "
-        "huge pages, so XLA:CPU's per-step buffers do not page-fault 4 KiB at a time (flax about 8 percent faster on `small`).",
+        "huge pages, so XLA:CPU's per-step buffers do not page-fault 4 KiB at a time (flax about 8 percent faster "
+        "on `small`).",
     )
     rank: int = _f(4, "LoRA rank.")
     alpha: float = _f(4.0, "LoRA alpha.")
@@ -295,7 +296,7 @@ def run_flax(cfg: BenchConfig) -> dict:
         "text_embeddings": np.asarray(jax.random.normal(keys[1], emb_shape, jnp.float32)),
     }
     if use_project:
-        # On a GPU one device, like the PyTorch run; on CPU the devices that share the same cores as PyTorch's threads.
+        # On a GPU one device, like the PyTorch run; on CPU devices on the same cores as PyTorch's threads.
         mesh = make_mesh(jax.devices()[:cpu_devices] if device.platform == "cpu" else [device])
         # The project step reads only `unet`, `vae.config.scaling_factor` and the base params from the pipeline.
         pipe = SimpleNamespace(unet=unet, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))

@@ -58,7 +58,8 @@ def _attention_backward(scale, chunk, residuals, d_out):
         k, v = key_value
         # (keys, queries) layout, so that dK and dV contract the minor axis of their operands (XLA:CPU runs that
         # 3x faster than contracting the major axis).
-        probs_t = jnp.exp(jnp.einsum("bjd,bid->bji", k, query * scale, preferred_element_type=jnp.float32) - logsumexp[:, None, :])
+        scores_t = jnp.einsum("bjd,bid->bji", k, query * scale, preferred_element_type=jnp.float32)
+        probs_t = jnp.exp(scores_t - logsumexp[:, None, :])
         d_probs_t = jnp.einsum("bjd,bid->bji", v, d_out, preferred_element_type=jnp.float32)
         d_scores_t = probs_t * (d_probs_t - d_rows[:, None, :])
         d_value = jnp.einsum("bji,bid->bjd", probs_t, d_out, preferred_element_type=jnp.float32)
@@ -83,7 +84,9 @@ def _chunked_attention(query, key, value, scale, chunk):
 _chunked_attention.defvjp(_attention_forward, _attention_backward)
 
 
-def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, chunk: int = ATTENTION_CHUNK) -> jax.Array:
+def chunked_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, scale: float, chunk: int = ATTENTION_CHUNK
+) -> jax.Array:
     """softmax(scale * query key^T) value over (batch*heads, length, head_dim) arrays, `chunk` rows at a time.
 
     A length that `chunk` does not divide is one chunk (still no score tensor kept for the backward pass).

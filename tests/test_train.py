@@ -3,6 +3,9 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -272,10 +275,6 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_sd1_p
 
 
 def test_cli_splits_the_cpu_into_devices_with_memory_efficient_attention(tiny_sd1_path, two_images, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "cpu2"
     cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_flax.py"),
            "--pretrained_model_name_or_path", tiny_sd1_path, "--train_data_dir", two_images, "--output_dir", str(out),

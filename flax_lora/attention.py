@@ -1,9 +1,10 @@
-"""Memory-efficient attention for the Flax UNet: query chunks forward, FlashAttention-2's backward over key chunks.
+"""Attention kernels of the models: XLA's plain softmax attention and our memory-efficient chunked one.
 
-diffusers' FlaxAttention materialises the (batch*heads, queries, keys) score tensor and autodiff keeps it for
-the backward pass. Here the forward runs over chunks of queries and keeps only the output and each row's
-log-sum-exp; the backward recomputes the probabilities chunk by chunk from those, so no score tensor outlives
-its chunk. On CPU, where a chunk's scores stay in cache, this is also the fastest path measured (README,
+`attention(..., implementation=)` is the one entry point the model code calls. "xla" materialises the
+(batch*heads, queries, keys) score tensor and autodiff keeps it for the backward pass. "chunked" runs the
+forward over chunks of queries and keeps only the output and each row's log-sum-exp; the backward
+(FlashAttention-2's, over chunks of keys) recomputes the probabilities from those, so no score tensor outlives
+its chunk. On CPU, where a chunk's scores stay in cache, "chunked" is also the fastest path measured (README,
 Benchmark).
 """
 
@@ -14,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+IMPLEMENTATIONS = ("xla", "chunked")
 # Queries (forward) and keys (backward) per chunk. Measured on CPU, one core, on the benchmark's `small` UNet's
 # 1024-token self-attention: 32 beat 16, 64 and 128.
 ATTENTION_CHUNK = 32
@@ -96,22 +98,22 @@ def chunked_attention(
     return _chunked_attention(query, key, value, float(scale), chunk)
 
 
-def memory_efficient_attention(next_fun, args, kwargs, context):
-    """Interceptor computing diffusers' FlaxAttention with `chunked_attention`; other modules pass through.
+def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, causal: bool = False) -> jax.Array:
+    """Reference softmax attention over (batch*heads, length, head_dim); scores and softmax in float32."""
+    scores = jnp.einsum("bid,bjd->bij", query, key, preferred_element_type=jnp.float32) * scale
+    if causal:
+        allowed = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    return jnp.einsum("bij,bjd->bid", probs, value, preferred_element_type=jnp.float32).astype(query.dtype)
 
-    The q/k/v/out projections stay module calls, so LoRA scopes on to_q/to_k/to_v/to_out.0 still apply.
-    """
-    from diffusers.models.attention_flax import FlaxAttention
 
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, FlaxAttention) or module.is_initializing():
-        return next_fun(*args, **kwargs)
-    hidden = args[0]
-    cross = kwargs.get("context", args[1] if len(args) > 1 else None)
-    cross = hidden if cross is None else cross
-    query = module.reshape_heads_to_batch_dim(module.query(hidden))
-    key = module.reshape_heads_to_batch_dim(module.key(cross))
-    value = module.reshape_heads_to_batch_dim(module.value(cross))
-    out = module.proj_attn(module.reshape_batch_dim_to_heads(chunked_attention(query, key, value, module.scale)))
-    return module.dropout_layer(out, deterministic=kwargs.get("deterministic", True))
-
+def attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, scale: float, causal: bool = False, implementation: str = "xla"
+) -> jax.Array:
+    """softmax(scale * q k^T) v over (batch*heads, length, head_dim) with the chosen implementation."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation == "chunked" and not causal:  # causal masks (the text encoder's 77 tokens) stay on xla
+        return chunked_attention(query, key, value, scale)
+    return xla_attention(query, key, value, scale, causal)

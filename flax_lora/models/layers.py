@@ -1,0 +1,153 @@
+"""The layers our Flax models are built from, with PyTorch's numerics and LoRA side branches.
+
+Design:
+- Parameter names and layouts are Flax's (`kernel` (in, out) / HWIO, `bias`, `scale`), module names are
+  PyTorch's with `_N` for list members (`to_out_0`), so one mapping (flax_lora.models.convert) reads any
+  PyTorch checkpoint and LoRA targets keep PyTorch's module paths.
+- LoRA is part of `Linear` and `Conv2d`: when the variable collection "lora" holds `down`, `up` and `scale`
+  for a module, it adds `((x @ down) * scale) @ up` (a conv keeps the base conv's geometry on `down`). The
+  base weights stay a separate, frozen collection, so only the LoRA tree is differentiated and several
+  adapters are one collection concatenated along the rank axis (`scale` is per rank column).
+- Norms and softmax compute in float32 whatever the compute dtype, as PyTorch's mixed precision does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_lora import attention as attention_kernels
+
+Dtype = Any
+LORA = "lora"  # variable collection of LoRA side branches, keyed like the params
+_init = nn.initializers.lecun_normal()
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str, where: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function of a config name; ValueError naming the config when unknown."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation {name!r} is not implemented; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _lora_branch(module: nn.Module, x: jax.Array, down_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array | None:
+    """`((x @ down) * scale) @ up` for this module's entry of the "lora" collection, or None without one."""
+    if not module.has_variable(LORA, "up"):
+        return None
+    down = module.get_variable(LORA, "down").astype(x.dtype)
+    up = module.get_variable(LORA, "up")
+    scale = module.get_variable(LORA, "scale").astype(x.dtype)
+    hidden = down_fn(x, down) * scale
+    return hidden @ up.reshape(-1, up.shape[-1]).astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """PyTorch's nn.Linear as a Flax Dense (kernel (in, out)), plus its LoRA branch when one is given."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _init, (x.shape[-1], self.features))
+        x = x.astype(self.dtype)
+        y = x @ kernel.astype(self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        delta = _lora_branch(self, x, lambda h, down: h @ down)
+        return y if delta is None else y + delta
+
+
+class Conv2d(nn.Module):
+    """PyTorch's nn.Conv2d on NHWC inputs (kernel HWIO, symmetric zero padding), plus its LoRA branch."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        if kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
+            return x @ kernel[0, 0]  # a 1x1 conv is a matmul over channels
+        pad = (self.padding, self.padding)
+        return jax.lax.conv_general_dilated(
+            x, kernel, (self.stride, self.stride), (pad, pad), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", _init, (k, k, x.shape[-1], self.features))
+        x = x.astype(self.dtype)
+        y = self._conv(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        delta = _lora_branch(self, x, self._conv)
+        return y if delta is None else y + delta
+
+
+class GroupNorm(nn.Module):
+    """PyTorch's nn.GroupNorm over the channel (last) axis; statistics in float32."""
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm {self.path}: {channels} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """PyTorch's nn.LayerNorm over the last axis; statistics in float32."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def multi_head_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, heads: int, causal: bool = False, implementation: str = "xla"
+) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over (batch, length, heads * head_dim) arrays, split into `heads` heads."""
+    batch, q_len, width = query.shape
+    head_dim = width // heads
+
+    def split(x: jax.Array) -> jax.Array:  # (B, L, H*D) -> (B*H, L, D)
+        return x.reshape(batch, x.shape[1], heads, head_dim).transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], head_dim)
+
+    out = attention_kernels.attention(split(query), split(key), split(value), head_dim**-0.5, causal, implementation)
+    return out.reshape(batch, heads, q_len, head_dim).transpose(0, 2, 1, 3).reshape(batch, q_len, width)

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from flax_lora.formats import AdapterFormatError
+from flax_lora.errors import exit_on_user_error
 from flax_lora.inference import InferConfig, parse_args, run
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, generate, save; print where the images went."""
     config: InferConfig = parse_args(argv)
-    try:
-        paths = run(config)
-    except (FileNotFoundError, AdapterFormatError) as e:  # user errors: the message names the file and the fix
-        sys.exit(f"error: {e}")
-    for path in paths:
+    for path in exit_on_user_error(lambda: run(config)):  # user errors end as one `error: ...` line
         print(path)
     return 0
 

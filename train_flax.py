@@ -3,13 +3,11 @@
 With no flags it trains a tiny built-in pipeline on a generated shapes dataset (a few minutes on a CPU).
 """
 
-import sys
-
 from flax_lora.config import parse_args
-from flax_lora.train import main
+from flax_lora.errors import exit_on_user_error
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (FileExistsError, FileNotFoundError) as e:  # user errors: the message says what to do, no traceback
-        sys.exit(f"error: {e}")
+    config = parse_args()
+    from flax_lora.train import main  # after the flags: --help and flag errors need no JAX
+
+    exit_on_user_error(lambda: main(config))

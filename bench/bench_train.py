@@ -8,7 +8,8 @@ Design:
   forward and backward and applies one optimizer update.
 - Each framework runs in its own subprocess (`--worker flax|torch`), so peak host RSS (CPU) or device memory
   (GPU) and thread pools never mix; the parent collects both results, prints a table and writes JSON.
-- The flax side uses the project's own `flax_lora.train.make_train_step` (unmerged LoRA through `lora_scope`).
+- The flax side uses the project's own UNet (flax_lora.models.unet) and `flax_lora.train.make_train_step` (unmerged
+  LoRA through the UNet's LoRA collection).
   `--lora_mode merged` (fuse A@B into the kernels inside the step) is not a mode of the project step, so it
   runs a bench-local step with the same loss; `--flax_step local` runs that local step unmerged too, to
   compare like with like.
@@ -104,12 +105,11 @@ class BenchConfig:
     batch: int = _f(2, "Images per step.")
     sample_size: int = _f(0, "Latent height/width override (0 = the config's).")
     precision: str = _f("fp32", "bf16: bf16 compute with fp32 LoRA master weights, as diffusers' scripts.", ("fp32", "bf16"))
-    lora_mode: str = _f("unmerged", "unmerged: the x@A@B path (lora_scope); merged: W + s*A@B inside the step.", ("unmerged", "merged"))
+    lora_mode: str = _f("unmerged", "unmerged: the x@A@B path (the LoRA collection); merged: W + s*A@B inside the step.", ("unmerged", "merged"))
     flax_step: str = _f("project", "project: flax_lora.train.make_train_step; local: this file's step.", ("project", "local"))
-    flax_unet: str = _f("exact", "exact: flax_lora.loading's UNet (PyTorch numerics); diffusers: the stock Flax port.", ("exact", "diffusers"))
     flax_attention: str = _f(
         "standard",
-        "standard: diffusers' Flax attention; memory_efficient: flax_lora.attention.chunked_attention (the trainer's "
+        "standard: XLA's softmax attention (flax_lora.attention.xla_attention); memory_efficient: flax_lora.attention.chunked_attention (the trainer's "
         "--enable_xformers_memory_efficient_attention).",
         ("standard", "memory_efficient"),
     )
@@ -210,12 +210,12 @@ def _peak_rss_bytes() -> int:
 
 
 def _flax_local_step(unet, optimizer, schedule, scale: float, merged: bool, compute_dtype):
-    """A train step with the project step's loss, LoRA either unmerged (lora_scope) or merged into the kernels."""
+    """A train step with the project step's loss, LoRA either unmerged (the LoRA collection) or merged into the kernels."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    from flax_lora.lora import lora_scope, merge_lora
+    from flax_lora.lora import merge_lora, with_lora
     from flax_lora.train import add_noise, diffusion_loss
 
     def loss_fn(lora, base, batch, rng):
@@ -228,10 +228,9 @@ def _flax_local_step(unet, optimizer, schedule, scale: float, merged: bool, comp
         lora_c = jax.tree.map(lambda x: x.astype(compute_dtype), lora)
         args = (noisy.astype(compute_dtype), t, batch["text_embeddings"].astype(compute_dtype))
         if merged:
-            pred = unet.apply({"params": merge_lora(base, lora_c, scale)}, *args).sample
+            pred = unet.apply({"params": merge_lora(base, lora_c, scale)}, *args)
         else:
-            with lora_scope((lora_c, scale)):
-                pred = unet.apply({"params": base}, *args).sample
+            pred = unet.apply(with_lora(base, (lora_c, scale)), *args)
         return diffusion_loss(pred, target, t, schedule)
 
     def step(state, base, batch):
@@ -259,36 +258,34 @@ def run_flax(cfg: BenchConfig) -> dict:
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from types import SimpleNamespace
 
     use_project = cfg.flax_step == "project" and cfg.lora_mode == "unmerged"
     cpu_devices = cpu_device_count(cfg, threads) if use_project else 1
     jax.config.update("jax_num_cpu_devices", cpu_devices)  # before any JAX operation; CPU backend only
 
-    from flax_lora import loading
+    from flax_lora.loading import SDPipeline
     from flax_lora.lora import LoraConfig, UNET_TARGETS, init_lora
+    from flax_lora.models.unet import UNet2DConditionModel, UNetConfig
+    from flax_lora.models.vae import AutoencoderKL, VAEConfig
     from flax_lora.train import NoiseSchedule, batch_sharding, create_train_state, make_mesh, make_train_step
 
     device = jax.devices()[0]
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-    unet_cls = loading.unet_class()  # the class load_pipeline builds (PyTorch numerics)
-    if cfg.flax_unet == "diffusers":  # tanh GELU, GroupNorm eps 1e-5: not what PyTorch computes; for timing only
-        from diffusers import FlaxUNet2DConditionModel as unet_cls
-    unet = unet_cls.from_config(
-        unet_config(cfg), dtype=compute_dtype, use_memory_efficient_attention=cfg.flax_attention == "memory_efficient"
-    )
+    attention = "chunked" if cfg.flax_attention == "memory_efficient" else "xla"
+    unet_cfg = UNetConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(cfg).items()})
+    unet = UNet2DConditionModel(unet_cfg, dtype=compute_dtype, attention=attention)
     rng = jax.random.PRNGKey(cfg.seed)
     lora_config = LoraConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=UNET_TARGETS)
     # Build on the host, so the accelerator's peak memory holds only what training keeps there (the base in the
     # compute dtype), as on the PyTorch side, which casts before moving the UNet to the GPU.
     with jax.default_device(_host_device(jax)):
-        base = jax.jit(unet.init_weights)(rng)  # params only, as the project's loaders return them
-        base = base.unfreeze() if hasattr(base, "unfreeze") else base
+        lat_shape, emb_shape = _input_shapes(cfg)
+        sample, context = jnp.zeros((1,) + lat_shape[1:]), jnp.zeros((1,) + emb_shape[1:])
+        base = jax.jit(lambda key: unet.init(key, sample, jnp.zeros((1,)), context)["params"])(rng)
         lora = init_lora(jax.random.PRNGKey(cfg.seed + 1), base, lora_config)
         base = jax.tree.map(lambda x: x.astype(compute_dtype), base)
     optimizer = optax.adamw(cfg.learning_rate)
     schedule = NoiseSchedule(sd15_alphas_cumprod(), "epsilon")
-    lat_shape, emb_shape = _input_shapes(cfg)
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 2), 2)
     batch = {
         "latent_mean": np.asarray(jax.random.normal(keys[0], lat_shape, jnp.float32)),
@@ -298,8 +295,10 @@ def run_flax(cfg: BenchConfig) -> dict:
     if use_project:
         # On a GPU one device, like the PyTorch run; on CPU devices on the same cores as PyTorch's threads.
         mesh = make_mesh(jax.devices()[:cpu_devices] if device.platform == "cpu" else [device])
-        # The project step reads only `unet`, `vae.config.scaling_factor` and the base params from the pipeline.
-        pipe = SimpleNamespace(unet=unet, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))
+        # With cached latents and text embeddings the project step runs only the UNet and the VAE's latent scaling.
+        vae = AutoencoderKL(VAEConfig.from_dict({"scaling_factor": 0.18215}, "bench"))
+        pipe = SDPipeline(unet=unet, text_encoder=None, vae=vae, tokenizer=None, scheduler_config={}, params={},
+                          path="", name="bench")
         step = make_train_step(
             pipe, {"unet": lora_config}, optimizer, schedule, mesh, base_params={"unet": base}, compute_dtype=compute_dtype
         )

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flax_lora.loading import tokenize
+from flax_lora.errors import MissingFileError, UserError
 from flax_lora.tiny import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def _caption_list(value: Any, where: str, column: str) -> list[str]:
         return [value]
     if isinstance(value, (list, tuple, np.ndarray)) and len(value) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise ValueError(
+    raise UserError(
         f"caption column '{column}' in {where} must hold a string or a list of strings, got {type(value).__name__}: "
         f"{str(value)[:80]!r}"
     )
@@ -75,7 +75,7 @@ def load_image_folder(data_dir: str, caption_column: str = "text", max_samples: 
     """Read an image folder with metadata.jsonl (`file_name` + caption column), like diffusers' imagefolder."""
     meta = os.path.join(data_dir, "metadata.jsonl")
     if not os.path.isfile(meta):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--train_data_dir {data_dir} has no metadata.jsonl; expected one JSON object per line with "
             f"'file_name' and '{caption_column}'"
         )
@@ -87,11 +87,11 @@ def load_image_folder(data_dir: str, caption_column: str = "text", max_samples: 
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{meta} line {lineno} is not valid JSON: {e}") from e
+                raise UserError(f"{meta} line {lineno} is not valid JSON: {e}") from e
             if "file_name" not in row:
-                raise ValueError(f"{meta} line {lineno} has no 'file_name' key; keys: {sorted(row)}")
+                raise UserError(f"{meta} line {lineno} has no 'file_name' key; keys: {sorted(row)}")
             if caption_column not in row:
-                raise ValueError(
+                raise UserError(
                     f"caption column '{caption_column}' not found in {meta} line {lineno}; keys: {sorted(row)}. "
                     "Pass --caption_column with one of them."
                 )
@@ -100,7 +100,7 @@ def load_image_folder(data_dir: str, caption_column: str = "text", max_samples: 
             if max_samples is not None and len(names) >= max_samples:
                 break
     if not names:
-        raise ValueError(f"{meta} lists no images")
+        raise UserError(f"{meta} lists no images")
     return CaptionedImages(names, captions, lambda i: Image.open(names[i]), source=data_dir)
 
 
@@ -118,7 +118,7 @@ def load_hf_dataset(
     ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir, split="train")
     for col, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if col not in ds.column_names:
-            raise ValueError(
+            raise UserError(
                 f"column '{col}' not found in dataset {name}; columns: {', '.join(ds.column_names)}. Pass {flag}."
             )
     if max_samples is not None:
@@ -158,7 +158,7 @@ def load_training_data(config) -> CaptionedImages:
             config.max_train_samples,
         )
     if config.train_data_dir is None:
-        raise ValueError("no training data: pass --dataset_name or --train_data_dir")
+        raise UserError("no training data: pass --dataset_name or --train_data_dir")
     return load_image_folder(os.path.expanduser(config.train_data_dir), config.caption_column, config.max_train_samples)
 
 
@@ -267,7 +267,7 @@ class BatchLoader:
         if self.valid is None:
             self.valid = np.arange(len(self.data))
         if len(self.valid) == 0:
-            raise ValueError(f"no readable training images in {self.data.source}")
+            raise UserError(f"no readable training images in {self.data.source}")
         if self.num_workers > 0:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
 
@@ -331,7 +331,7 @@ class BatchLoader:
         out = {}
         for key in examples[0]:
             if key == "caption":
-                out["input_ids"] = tokenize(self.tokenizer, [e["caption"] for e in examples])
+                out["input_ids"] = self.tokenizer([e["caption"] for e in examples])
                 key_out, arr = "input_ids", out["input_ids"]
             else:
                 key_out, arr = key, np.stack([e[key] for e in examples])

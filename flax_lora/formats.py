@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
+from flax_lora.errors import MissingFileError, UserError
 from flax_lora.lora import LoraAdapter, LoraConfig, ModulePath, Params, linear_modules, lora_modules, pt_module_path
 
 FORMATS = ("diffusers", "kohya")
@@ -34,7 +35,7 @@ _DOWN_UP_SUFFIXES = (
 )
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(UserError):
     """An adapter file that does not fit the base model or is not a LoRA file at all."""
 
 
@@ -61,8 +62,15 @@ def _diffusers_suffixes(component: str, pt_paths: list[str]) -> tuple[str, str]:
 
 
 def _module_ranks(tree: Params) -> dict[str, int]:
-    """PyTorch module path -> rank, from the shapes of the LoRA tree."""
-    return {pt_module_path(path): int(down.shape[-1]) for path, (down, _) in lora_modules(tree).items()}
+    """PEFT target name -> rank, from the shapes of the LoRA tree.
+
+    Text-encoder names drop the `text_model.` prefix: transformers 5's CLIPTextModel has no such module, and
+    PEFT matches a target as a path suffix, so `encoder.layers.0.self_attn.q_proj` names the module under both
+    transformers 4.x and 5.x layouts.
+    """
+    return {
+        pt_module_path(path).removeprefix("text_model."): int(down.shape[-1]) for path, (down, _) in lora_modules(tree).items()
+    }
 
 
 def _peft_config(config: LoraConfig, tree: Params) -> dict[str, Any]:
@@ -162,12 +170,12 @@ def resolve_adapter_file(path: str | os.PathLike) -> Path:
         if preferred.exists():
             return preferred
         if len(files) != 1:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{target} holds {len(files)} .safetensors files ({[f.name for f in files]}); name the adapter file"
             )
         return files[0]
     if not target.exists():
-        raise FileNotFoundError(f"LoRA adapter file {target} does not exist")
+        raise MissingFileError(f"LoRA adapter file {target} does not exist")
     return target
 
 
@@ -201,6 +209,8 @@ def _module_tables(base_params: dict[str, Params]) -> dict[str, tuple[str, Modul
             pt_path = pt_module_path(path)
             entry = (component, path, shape)
             table[f"{DIFFUSERS_PREFIX[component]}.{pt_path}"] = entry
+            if pt_path.startswith("text_model."):  # diffusers under transformers 5 writes CLIP paths without it
+                table[f"{DIFFUSERS_PREFIX[component]}.{pt_path.removeprefix('text_model.')}"] = entry
             table[f"{KOHYA_PREFIX[component]}_{pt_path.replace('.', '_')}"] = entry
             if component == "unet":  # raw PEFT state dicts of a UNet carry no prefix
                 table[pt_path] = entry

@@ -1,151 +1,191 @@
-"""Load a diffusers-layout Stable Diffusion pipeline (hub id or local folder) into Flax.
+"""Load a diffusers-layout Stable Diffusion pipeline (hub id or local folder) into our Flax models.
 
-Weights are read straight from the files a checkpoint ships (PyTorch safetensors first, then Flax msgpack,
-then `.bin` through torch's `weights_only` loader) and mapped onto parameter shapes that `jax.eval_shape`
-gives, so no layer is ever initialised only to be overwritten.
+Design:
+- Each component's config (`unet/config.json`, `text_encoder/config.json`, `vae/config.json`) builds our own
+  model (flax_lora.models); its weights are read straight from the files PyTorch tools write (safetensors,
+  sharded or not, any `variant`; `.bin` through our pickle reader that runs no code and needs no torch) and
+  mapped onto parameter shapes from `jax.eval_shape`, so no layer is initialised only to be overwritten.
+- Every key is accounted for (flax_lora.models.convert): a checkpoint for another model is an error naming
+  the file, the key and both shapes. Key spellings of older and newer libraries (transformers 4 vs 5 CLIP
+  layouts, old VAE attention names) are normalised by each model file.
+- `SDPipeline` holds the modules, params, tokenizers and scheduler config, and the few calls that training
+  and inference share (text embeddings, noise prediction, VAE encode/decode) with an optional LoRA.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
+import mmap
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from flax_lora import attention
-
-logger = logging.getLogger(__name__)
-
-
-class _DropFlaxDeprecation(logging.Filter):
-    """diffusers/transformers warn once per Flax layer that Flax is deprecated; we pin them on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "classes are deprecated" not in record.getMessage()
-
-
-def _quiet_flax_deprecation() -> None:
-    """Drop that warning at the libraries' own handlers (child loggers do not inherit logger filters)."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    for library in (diffusers.utils.logging, transformers.utils.logging):
-        for handler in library._get_library_root_logger().handlers:
-            handler.addFilter(_DropFlaxDeprecation())
-
-
-_quiet_flax_deprecation()
+from flax_lora.errors import MissingFileError, UserError
+from flax_lora.lora import LORA, lora_variables
+from flax_lora.models import clip, unet as unet_lib, vae as vae_lib
+from flax_lora.models.convert import CheckpointMismatchError, pt_to_flax
+from flax_lora.tokenizer import CLIPTokenizer
 
 Params = dict[str, Any]
-COMPONENTS = ("unet", "text_encoder", "vae")
-_CONFIG_FILES = ("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*")
-# (file stem, framework) in order of preference: safetensors are safe and fast; msgpack is Flax's own.
+LoraLayers = tuple[tuple[Params, Any], ...]
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_CONFIG_FILES = ("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*")
+# (file stem, format) in order of preference: safetensors are safe and fast; .bin is read without running code.
 _WEIGHT_STEMS = (
     ("diffusion_pytorch_model", "safetensors"),
     ("model", "safetensors"),
-    ("diffusion_flax_model", "msgpack"),
-    ("flax_model", "msgpack"),
     ("diffusion_pytorch_model", "bin"),
     ("pytorch_model", "bin"),
 )
-# diffusers' VAE attention was renamed in PyTorch (to_q, ...) but not in Flax (query, ...).
-_FLAX_RENAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
-# Buffers PyTorch saves that are not parameters.
-_IGNORED_PT_KEYS = re.compile(r"(position_ids|num_batches_tracked)$")
+# --mixed_precision values (flax_lora.cli.MIXED_PRECISION) -> compute dtype of the frozen model.
+COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
 
 
-def _pytorch_numerics(next_fun, args, kwargs, context):
-    """Compute what PyTorch's UNet computes where diffusers' Flax port differs (diffusers 0.39).
-
-    The port's transformer-block input GroupNorm uses epsilon 1e-5 (PyTorch: 1e-6) and its GEGLU feed-forward
-    uses tanh-approximate GELU (PyTorch: exact). Each costs about 1e-4 per UNet call, which sampling amplifies
-    into visible pixel differences, and trains against a slightly different model than users run.
-    """
-    from diffusers.models.attention_flax import FlaxGEGLU, FlaxTransformer2DModel
-
-    module = context.module
-    if context.method_name == "__call__" and not module.is_initializing():
-        if isinstance(module, nn.GroupNorm) and isinstance(module.parent, FlaxTransformer2DModel):
-            pytorch_norm = nn.GroupNorm(num_groups=module.num_groups, epsilon=1e-6, dtype=module.dtype)
-            return pytorch_norm.apply({"params": module.variables["params"]}, args[0])
-        if isinstance(module, FlaxGEGLU):
-            hidden, gate = jnp.split(module.proj(args[0]), 2, axis=-1)
-            return hidden * jax.nn.gelu(gate, approximate=False)
-    return next_fun(*args, **kwargs)
-
-
-def unet_class():
-    """FlaxUNet2DConditionModel computing PyTorch's numerics; weights and API are unchanged.
-
-    With `use_memory_efficient_attention=True` its attention is `flax_lora.attention.chunked_attention`.
-    """
-    from diffusers import FlaxUNet2DConditionModel
-    from diffusers.configuration_utils import flax_register_to_config
-
-    @flax_register_to_config
-    class PyTorchNumericsFlaxUNet(FlaxUNet2DConditionModel):
-        def __call__(self, *args, **kwargs):
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(nn.intercept_methods(_pytorch_numerics))
-                if self.use_memory_efficient_attention:
-                    stack.enter_context(nn.intercept_methods(attention.memory_efficient_attention))
-                return super().__call__(*args, **kwargs)
-
-    return PyTorchNumericsFlaxUNet
+class PipelineError(UserError):
+    """A pipeline folder or hub id that cannot be loaded as a Stable Diffusion pipeline."""
 
 
 @dataclass
 class SDPipeline:
-    """A Stable Diffusion pipeline in Flax: linen modules, their params, tokenizer and scheduler config."""
+    """A Stable Diffusion pipeline in Flax: our modules, their params, tokenizers and scheduler config."""
 
-    unet: Any
-    text_encoder: Any
-    vae: Any
-    tokenizer: Any
+    unet: unet_lib.UNet2DConditionModel
+    text_encoder: clip.CLIPTextModel
+    vae: vae_lib.AutoencoderKL
+    tokenizer: CLIPTokenizer
     scheduler_config: dict
     params: Params
     path: str
     name: str
+    pipeline_class: str = "StableDiffusionPipeline"
+    text_encoder_2: clip.CLIPTextModel | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    extra: dict = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
         """How many pixels one latent covers per side (8 for Stable Diffusion)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def is_sdxl(self) -> bool:
+        """True for SDXL pipelines (two text encoders, size/crop conditioning)."""
+        return self.unet.config.addition_embed_type == "text_time"
 
-# --mixed_precision values (flax_lora.cli.MIXED_PRECISION) -> compute dtype of the frozen model.
-COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+    def require_sd(self, what: str) -> None:
+        """Refuse SDXL where only SD 1.x/2.x is wired in yet, naming the feature."""
+        if self.is_sdxl or self.text_encoder_2 is not None:
+            raise PipelineError(
+                f"{self.name} is an SDXL pipeline ({self.pipeline_class}); {what} supports SD 1.x/2.x pipelines only "
+                "so far (SDXL models load, but SDXL training and sampling are not wired in yet)"
+            )
+
+    def encode_text(self, params: Params, ids: jax.Array, lora: LoraLayers = ()) -> jax.Array:
+        """The text encoder's last hidden state (B, L, D) for token ids, with LoRA layers when given."""
+        out = self.text_encoder.apply({"params": params["text_encoder"], LORA: lora_variables(*lora)}, ids)
+        return out.last_hidden_state
+
+    def predict_noise(
+        self, params: Params, latents: jax.Array, t: jax.Array, text: jax.Array, lora: LoraLayers = (), added=None
+    ) -> jax.Array:
+        """The UNet's output for NCHW latents at timesteps `t`, with LoRA layers when given."""
+        variables = {"params": params["unet"], LORA: lora_variables(*lora)}
+        return self.unet.apply(variables, latents, t, text, added)
+
+    def encode_images(self, params: Params, pixels: jax.Array) -> vae_lib.LatentDistribution:
+        """The VAE posterior of NCHW pixels in [-1, 1] (unscaled latents)."""
+        return self.vae.apply({"params": params["vae"]}, pixels, method=self.vae.encode)
+
+    def decode_latents(self, params: Params, latents: jax.Array) -> jax.Array:
+        """NCHW images in [-1, 1] of scaled (diffusion-space) latents."""
+        return self.vae.apply({"params": params["vae"]}, self.vae.unscale_latents(latents), method=self.vae.decode)
 
 
-def tokenize(tokenizer: Any, texts: list[str]) -> np.ndarray:
-    """Token ids padded/truncated to the tokenizer's max length, int32 (N, L), as diffusers pads prompts."""
-    out = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np")
-    return out.input_ids.astype(np.int32)
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file as numpy arrays (bfloat16 too, which safetensors.numpy cannot give)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    try:
+        header_len = int.from_bytes(buffer[:8], "little")
+        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    except (ValueError, IndexError) as e:
+        raise PipelineError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        dtype = info["dtype"]
+        if dtype == "BF16":
+            import ml_dtypes
+
+            np_dtype = ml_dtypes.bfloat16
+        elif dtype in _SAFETENSORS_DTYPES:
+            np_dtype = _SAFETENSORS_DTYPES[dtype]
+        else:
+            raise PipelineError(f"{path}: tensor {key!r} has dtype {dtype}, which is not supported")
+        start, end = info["data_offsets"]
+        if base + end > size:
+            raise PipelineError(f"{path} is truncated: tensor {key!r} ends at byte {base + end} of {size}")
+        tensors[key] = np.frombuffer(buffer, np_dtype, count=(end - start) // np.dtype(np_dtype).itemsize,
+                                     offset=base + start).reshape(info["shape"])
+    return tensors
+
+
+def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
+    """Read one weight file (safetensors or PyTorch .bin) into a flat dict of numpy arrays."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix == ".bin":
+        from flax_lora.models.torch_pickle import load_torch_file
+
+        return load_torch_file(path)
+    raise PipelineError(f"unsupported weight file {path}")
+
+
+def read_weights(folder: Path, files: list[str]) -> dict[str, np.ndarray]:
+    """Read a component's weights, following a sharded index when there is one."""
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        path = folder / name
+        if name.endswith(".json"):
+            shards = sorted(set(_read_json(path)["weight_map"].values()))
+            for shard in shards:
+                tensors.update(_read_weight_file(path.parent / shard))
+        else:
+            tensors.update(_read_weight_file(path))
+    return tensors
 
 
 def weight_files(folder_files: list[str], component: str, variant: str | None) -> list[str]:
     """Pick the weight file(s) of one component folder from a file listing, best format first."""
     suffix = f".{variant}" if variant else ""
     names = set(folder_files)
-    for stem, framework in _WEIGHT_STEMS:
-        single = f"{component}/{stem}{suffix}.{framework}"
+    for stem, fmt in _WEIGHT_STEMS:
+        single = f"{component}/{stem}{suffix}.{fmt}"
         if single in names:
             return [single]
-        index = f"{component}/{stem}.{framework}.index{suffix}.json"
+        index = f"{component}/{stem}.{fmt}.index{suffix}.json"
         if index in names:
             return [index]
     found = sorted(f for f in folder_files if f.startswith(component + "/"))
-    raise FileNotFoundError(
+    if any(f.endswith(".msgpack") for f in found):
+        raise PipelineError(
+            f"{component} has only Flax .msgpack weights ({found}): that format of diffusers<0.40's Flax classes is "
+            "not read; use the PyTorch (safetensors) weights of the same model"
+        )
+    raise PipelineError(
         f"no weights for {component!r} with variant={variant!r}: expected e.g. "
         f"{component}/diffusion_pytorch_model{suffix}.safetensors or model{suffix}.safetensors; found {found}"
     )
@@ -155,134 +195,55 @@ def resolve_pipeline_folder(name_or_path: str, revision: str | None = None, vari
     """Return a local folder for a pipeline: the folder itself, or a hub snapshot of just the files needed."""
     if os.path.isdir(name_or_path):
         if not os.path.isfile(os.path.join(name_or_path, "model_index.json")):
-            raise FileNotFoundError(f"{name_or_path} is not a diffusers pipeline folder: no model_index.json")
+            raise PipelineError(f"{name_or_path} is not a diffusers pipeline folder: no model_index.json")
         return name_or_path
+    if name_or_path.startswith((".", "~", "/", os.sep)) or name_or_path.count("/") > 1:
+        raise MissingFileError(f"pipeline folder {name_or_path} does not exist (a hub id looks like 'owner/name')")
     from huggingface_hub import list_repo_files, snapshot_download
 
     try:
         files = list_repo_files(name_or_path, revision=revision)
-    except Exception as e:
-        raise OSError(
+    except Exception as e:  # offline, unknown repo, gated repo: one message with the cause
+        raise PipelineError(
             f"{name_or_path!r} is neither a local folder nor a reachable hub model id ({type(e).__name__}: {e})"
         ) from e
-    wanted = [f for c in COMPONENTS for f in weight_files(files, c, variant)]
+    components = [c for c in MODEL_COMPONENTS if any(f.startswith(c + "/") for f in files)]
+    wanted = [f for c in components for f in weight_files(files, c, variant)]
     for index in [f for f in wanted if f.endswith(".json")]:
-        stem, framework = index.split(".index")[0].rsplit(".", 1)
-        wanted.append(f"{stem}*.{framework}")  # the shards an index names
+        stem, fmt = index.split(".index")[0].rsplit(".", 1)
+        wanted.append(f"{stem}*.{fmt}")  # the shards an index names
     return snapshot_download(name_or_path, revision=revision, allow_patterns=list(_CONFIG_FILES) + wanted)
 
 
-def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
-    """Read one weight file (safetensors, msgpack or torch .bin) into a flat dict of numpy arrays."""
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(str(path))
-    if path.suffix == ".msgpack":
-        from flax.serialization import msgpack_restore
-
-        tree = msgpack_restore(path.read_bytes())
-        if set(tree) == {"params"}:
-            tree = tree["params"]
-        return {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
-    if path.suffix == ".bin":
-        import torch
-
-        # weights_only refuses pickled code: a .bin from the hub must not run anything on load.
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
-    raise ValueError(f"unsupported weight file {path}")
-
-
-def read_weights(folder: Path, files: list[str]) -> dict[str, np.ndarray]:
-    """Read a component's weights, following a sharded index when there is one."""
-    tensors: dict[str, np.ndarray] = {}
-    for name in files:
-        path = folder / name
-        if name.endswith(".json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            for shard in shards:
-                tensors.update(_read_weight_file(path.parent / shard))
-        else:
-            tensors.update(_read_weight_file(path))
-    return tensors
-
-
-def _candidate_paths(pt_prefix: str) -> list[tuple[str, ...]]:
-    """Flax module paths a PyTorch module path may have: `blocks.0` is `blocks_0` (diffusers) or `blocks/0`."""
-    joined = tuple(re.sub(r"\.(\d+)", r"_\1", pt_prefix).split(".")) if pt_prefix else ()
-    split = tuple(pt_prefix.split(".")) if pt_prefix else ()
-    renamed = joined[:-1] + (_FLAX_RENAMES.get(joined[-1], joined[-1]),) if joined else ()
-    return list(dict.fromkeys([joined, split, renamed]))
-
-
-def pt_to_flax_params(
-    state: dict[str, np.ndarray], shapes: dict[tuple[str, ...], Any], source: str
-) -> dict[tuple[str, ...], np.ndarray]:
-    """Map a PyTorch (or already-Flax, `/`-joined) state dict onto a flat Flax param dict of known shapes."""
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for key, value in state.items():
-        if "/" in key:  # Flax msgpack: keys are already Flax paths.
-            candidates = [(tuple(key.split("/")), value)]
-        elif _IGNORED_PT_KEYS.search(key):
-            continue
-        else:
-            prefix, _, leaf = key.rpartition(".")
-            leaves = {"weight": ("kernel", "scale", "embedding"), "gamma": ("scale",), "beta": ("bias",)}
-            candidates = [
-                (path + (flax_leaf,), value)
-                for path in _candidate_paths(prefix)
-                for flax_leaf in leaves.get(leaf, (leaf,))
-            ]
-        match = next(((k, v) for k, v in candidates if k in shapes), None)
-        if match is None:
-            unexpected.append(key)
-            continue
-        flax_key, value = match
-        expected = tuple(shapes[flax_key].shape)
-        stored_shape = tuple(value.shape)
-        if flax_key[-1] == "kernel" and "/" not in key:
-            value = _pt_kernel_to_flax(value, expected)
-        if tuple(value.shape) != expected:
-            raise ValueError(
-                f"{source}: weight {key!r} has shape {stored_shape} (as Flax {tuple(value.shape)}), but the model "
-                f"config expects Flax {'/'.join(flax_key)} of shape {expected}; is this checkpoint for another model?"
-            )
-        flat[flax_key] = value
-    missing = sorted("/".join(k) for k in shapes if k not in flat)
-    if unexpected or missing:
-        raise ValueError(
-            f"{source}: checkpoint does not match the model config: {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}), {len(missing)} missing params (e.g. {missing[:3]})"
-        )
-    return flat
-
-
-def _pt_kernel_to_flax(value: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
-    """PyTorch Linear (out, in) -> Dense (in, out); Conv OIHW -> HWIO; a 1x1 conv may feed a Dense."""
-    if value.ndim == 4 and len(expected) == 2:
-        value = value[:, :, 0, 0]
-    if value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    return value.T
-
-
-def _param_shapes(init_fn) -> dict[tuple[str, ...], Any]:
-    """Shapes of a model's params without computing any of them."""
-    tree = jax.eval_shape(init_fn, jax.random.key(0))
-    tree = tree.unfreeze() if hasattr(tree, "unfreeze") else tree
-    if set(tree) == {"params"}:
-        tree = tree["params"]
-    return flatten_dict(tree)
-
-
-def _load_component(folder: Path, component: str, variant: str | None, init_fn, param_dtype) -> Params:
-    """Read, map and cast one component's weights."""
-    listing = [str(p.relative_to(folder)) for p in (folder / component).iterdir()]
+def _load_weights(folder: Path, component: str, variant: str | None, shapes: Params, normalize, param_dtype) -> Params:
+    """Read, map and cast one component's weights onto its parameter shapes."""
+    listing = [f"{component}/{p.name}" for p in (folder / component).iterdir()]
     files = weight_files(listing, component, variant)
-    flat = pt_to_flax_params(read_weights(folder, files), _param_shapes(init_fn), source=str(folder / files[0]))
-    return unflatten_dict({k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()})
+    source = str(folder / files[0])
+    flat = pt_to_flax(read_weights(folder, files), flatten_dict(shapes), source, normalize)
+    return unflatten_dict({k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=param_dtype) for k, v in flat.items()})
+
+
+def _check_components(folder: Path, index: dict) -> None:
+    """Refuse a pipeline class or component class our models do not implement, by name."""
+    where = folder / "model_index.json"
+    cls = index.get("_class_name")
+    if cls not in PIPELINE_CLASSES:
+        raise PipelineError(f"{where}: pipeline class {cls!r} is not supported; expected one of {PIPELINE_CLASSES}")
+    expected = {
+        "unet": ("UNet2DConditionModel",),
+        "vae": ("AutoencoderKL",),
+        "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+        "text_encoder_2": ("CLIPTextModelWithProjection", "CLIPTextModel"),
+    }
+    for component, classes in expected.items():
+        entry = index.get(component)
+        if component == "text_encoder_2" and not entry:
+            continue
+        if not entry or entry[-1] is None:
+            raise PipelineError(f"{where}: the pipeline has no {component}")
+        if entry[-1] not in classes:
+            raise PipelineError(f"{where}: {component} is a {entry[-1]}; expected one of {classes}")
 
 
 def load_pipeline(
@@ -291,51 +252,65 @@ def load_pipeline(
     variant: str | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
-    memory_efficient_attention: bool = False,
+    attention: str = "xla",
 ) -> SDPipeline:
-    """Load UNet, text encoder, VAE, tokenizer and scheduler config of a diffusers pipeline into Flax.
+    """Load UNet, text encoder(s), VAE, tokenizer(s) and scheduler config of a diffusers pipeline into Flax.
 
-    `memory_efficient_attention` computes the UNet's attention with `flax_lora.attention.chunked_attention`: the
-    same outputs and gradients without the full attention matrix; on CPU it is also faster.
+    `attention` picks the UNet's attention kernel (flax_lora.attention.IMPLEMENTATIONS): "chunked" gives the same
+    outputs and gradients without the full attention matrix; on CPU it is also faster.
     """
-    from diffusers import FlaxAutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
-
     folder = Path(resolve_pipeline_folder(name_or_path, revision, variant))
-    unet = unet_class().from_config(
-        _read_json(folder / "unet" / "config.json"), dtype=dtype, use_memory_efficient_attention=memory_efficient_attention
-    )
-    vae = FlaxAutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"), dtype=dtype)
-    text_config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))
-    text_encoder = FlaxCLIPTextModel(text_config, dtype=dtype, _do_init=False)
+    index = _read_json(folder / "model_index.json")
+    _check_components(folder, index)
+    try:
+        unet_config = unet_lib.UNetConfig.from_dict(_read_json(folder / "unet" / "config.json"), str(folder / "unet" / "config.json"))
+        vae_config = vae_lib.VAEConfig.from_dict(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
+    except ValueError as e:
+        raise PipelineError(str(e)) from e
+    unet = unet_lib.UNet2DConditionModel(unet_config, dtype, attention)
+    vae_weights = read_weights(folder, weight_files([f"vae/{p.name}" for p in (folder / "vae").iterdir()], "vae", variant))
+    vae, vae_params = vae_lib.load_vae(vae_weights, vae_config, str(folder / "vae"), dtype, param_dtype)
     params = {
-        "unet": _load_component(folder, "unet", variant, unet.init_weights, param_dtype),
-        "vae": _load_component(folder, "vae", variant, vae.init_weights, param_dtype),
-        "text_encoder": _load_component(
-            folder,
-            "text_encoder",
-            variant,
-            lambda rng: text_encoder.init_weights(rng, text_encoder.input_shape),
-            param_dtype,
-        ),
+        "unet": _load_weights(folder, "unet", variant, unet_lib.init_shapes(unet_config), lambda k: k, param_dtype),
+        "vae": vae_params,
     }
+    encoders = {}
+    for component in ("text_encoder", "text_encoder_2"):
+        if not index.get(component) or index[component][-1] is None:
+            continue
+        config_path = folder / component / "config.json"
+        try:
+            config = clip.CLIPTextConfig.from_dict(_read_json(config_path), str(config_path))
+        except ValueError as e:
+            raise PipelineError(str(e)) from e
+        files = weight_files([f"{component}/{p.name}" for p in (folder / component).iterdir()], component, variant)
+        encoders[component], params[component] = clip.load_clip(
+            read_weights(folder, files), config, str(folder / files[0]), dtype, param_dtype
+        )
+    has_second = "text_encoder_2" in encoders
     return SDPipeline(
         unet=unet,
-        text_encoder=text_encoder,
+        text_encoder=encoders["text_encoder"],
         vae=vae,
-        tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"),
         params=params,
         path=str(folder),
         name=name_or_path,
+        pipeline_class=index["_class_name"],
+        text_encoder_2=encoders.get("text_encoder_2"),
+        tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2") if has_second else None,
     )
 
 
 def _read_json(path: Path) -> dict:
     """Read a JSON config, naming the file when it is missing or broken."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"missing pipeline config file {path}") from e
+        raise MissingFileError(f"missing pipeline file {path}") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise PipelineError(f"{path} is not valid JSON: {e}") from e
+
+
+__all__ = ["CheckpointMismatchError", "COMPUTE_DTYPES", "PipelineError", "SDPipeline", "load_pipeline"]

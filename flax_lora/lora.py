@@ -1,12 +1,14 @@
-"""LoRA on unmodified Flax models.
+"""LoRA adapters for our Flax models: targets, initialisation, the "lora" variable collection, merging.
 
 Design:
-- The base model is never edited. A LoRA "tree" mirrors the base params, but only at the targeted modules,
-  with leaves `{"down": A, "up": B}`: Dense A is (in, r) and B (r, out); a 1x1 Conv keeps Flax's HWIO layout,
+- The base params are never edited. A LoRA "tree" mirrors the base params, but only at the targeted modules,
+  with leaves `{"down": A, "up": B}`: Linear A is (in, r) and B (r, out); a 1x1 Conv keeps Flax's HWIO layout,
   A (1, 1, in, r) and B (1, 1, r, out). `up` starts at zero, so a fresh adapter leaves outputs bit-identical.
-- `lora_scope` adds `scale * (x @ A) @ B` to the output of each targeted Dense/Conv through
-  `flax.linen.intercept_methods`, keyed on the module path; it works inside `jit` and `grad`, so only the
-  LoRA tree is differentiated and the frozen base stays a separate argument.
+- The models apply LoRA themselves: every `Linear`/`Conv2d` (flax_lora.models.layers) adds
+  `((x @ A) * scale) @ B` when the "lora" variable collection has an entry at its path. `lora_variables`
+  builds that collection from (tree, scale) pairs: several adapters on one module are concatenated along the
+  rank axis, with `scale` per rank column, so any mix of adapters and scales is one traced argument (a new
+  scale never recompiles). Only the LoRA tree is differentiated; the frozen base is a separate collection.
 - Targets are matched on PyTorch-style module paths (`down_blocks.0.attentions.0...to_out.0`), as PEFT and
   diffusers name them, so a user's `target_modules` mean the same here as there.
 - scale = alpha / rank, times a runtime multiplier (the `lora_scale` users know). `merge_lora` fuses a tree
@@ -15,17 +17,18 @@ Design:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from flax_lora.models.convert import pt_module_path
+from flax_lora.models.layers import LORA
 
 Params = dict[str, Any]
 ModulePath = tuple[str, ...]
@@ -33,24 +36,6 @@ ModulePath = tuple[str, ...]
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_INITS = ("gaussian", "kaiming")
-# Flax names list members `name_N` (diffusers) where PyTorch says `name.N`; other `_N` names (linear_1) stay.
-_LIST_NAMES = frozenset(
-    {
-        "down_blocks",
-        "up_blocks",
-        "attentions",
-        "resnets",
-        "transformer_blocks",
-        "to_out",
-        "net",
-        "downsamplers",
-        "upsamplers",
-        "layers",
-    }
-)
-_LIST_MEMBER = re.compile(r"^(.+)_(\d+)$")
-
-
 @dataclass(frozen=True)
 class LoraConfig:
     """Rank, alpha and targets of one model's adapter; alpha=None means alpha = rank (scale 1)."""
@@ -76,15 +61,6 @@ class LoraConfig:
     def scale(self) -> float:
         """alpha / rank: the factor on B @ A that PEFT and kohya apply."""
         return self.lora_alpha / self.rank
-
-
-def pt_module_path(flax_path: ModulePath) -> str:
-    """PyTorch module path of a Flax module path: `down_blocks_0/to_out_0` -> `down_blocks.0.to_out.0`."""
-    parts = []
-    for name in flax_path:
-        member = _LIST_MEMBER.match(name)
-        parts.append(f"{member[1]}.{member[2]}" if member and member[1] in _LIST_NAMES else name)
-    return ".".join(parts)
 
 
 def matches_target(pt_path: str, target_modules: Sequence[str]) -> bool:
@@ -144,32 +120,29 @@ def lora_modules(tree: Params) -> dict[ModulePath, tuple[jax.Array, jax.Array]]:
     return {k[:-1]: (flat[k[:-1] + ("down",)], v) for k, v in flat.items() if k[-1] == "up"}
 
 
-def low_rank_delta(x: jax.Array, down: jax.Array, up: jax.Array, scale: float) -> jax.Array:
-    """scale * (x @ A) @ B over the last (channel) axis; never forms the full-rank product."""
-    down2 = down.reshape(-1, down.shape[-1]).astype(x.dtype)
-    up2 = up.reshape(-1, up.shape[-1]).astype(x.dtype)
-    return ((x @ down2) @ up2) * jnp.asarray(scale, x.dtype)
+def lora_variables(*layers: tuple[Params, float | jax.Array]) -> Params:
+    """The "lora" collection for `model.apply({"params": base, "lora": ...})` from (tree, scale) pairs.
+
+    Modules several adapters target get their `down`/`up` concatenated along the rank axis, each rank column
+    carrying its adapter's scale, which sums the adapters' updates exactly.
+    """
+    parts: dict[ModulePath, list[tuple[jax.Array, jax.Array, jax.Array]]] = {}
+    for tree, scale in layers:
+        for path, (down, up) in lora_modules(tree).items():
+            rank = down.shape[-1]
+            parts.setdefault(path, []).append((down, up, jnp.full((rank,), scale, jnp.float32)))
+    flat = {}
+    for path, entries in parts.items():
+        downs, ups, scales = zip(*entries)
+        flat[path + ("down",)] = downs[0] if len(downs) == 1 else jnp.concatenate([d.astype(jnp.float32) for d in downs], -1)
+        flat[path + ("up",)] = ups[0] if len(ups) == 1 else jnp.concatenate([u.astype(jnp.float32) for u in ups], -2)
+        flat[path + ("scale",)] = jnp.concatenate(scales)
+    return unflatten_dict(flat)
 
 
-@contextlib.contextmanager
-def lora_scope(*layers: tuple[Params, float]) -> Iterator[None]:
-    """Inside this context each targeted Dense/Conv adds the low-rank update of every (tree, scale) given."""
-    prepared = [(lora_modules(tree), scale) for tree, scale in layers if tree]
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv)):
-            return out
-        path = module.path
-        for modules, scale in prepared:
-            if path in modules:
-                down, up = modules[path]
-                out = out + low_rank_delta(args[0], down, up, scale).astype(out.dtype)
-        return out
-
-    with nn.intercept_methods(interceptor):
-        yield
+def with_lora(params: Params, *layers: tuple[Params, float | jax.Array]) -> dict[str, Params]:
+    """Variables for `model.apply`: the base params plus the LoRA collection of the given (tree, scale) pairs."""
+    return {"params": params, LORA: lora_variables(*layers)}
 
 
 def merge_lora(base_params: Params, tree: Params, scale: float) -> Params:
@@ -195,14 +168,14 @@ class LoraAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def scope_layers(self, component: str, multiplier: float = 1.0) -> tuple[Params, float]:
-        """(tree, scale * multiplier) for `lora_scope`; an empty tree when this adapter skips the component."""
+        """(tree, scale * multiplier) for `lora_variables`; an empty tree when this adapter skips the component."""
         if component not in self.params:
             return {}, 0.0
         return self.params[component], self.configs[component].scale * multiplier
 
 
 def weighted_layers(adapters: Sequence[tuple[LoraAdapter, float]], component: str) -> list[tuple[Params, float]]:
-    """`lora_scope` arguments for several adapters, each with its own multiplier."""
+    """`lora_variables` arguments for several adapters, each with its own multiplier."""
     return [adapter.scope_layers(component, weight) for adapter, weight in adapters]
 
 

@@ -1,7 +1,8 @@
-"""Tiny Stable Diffusion pipelines built locally with PyTorch diffusers, for tests and the built-in default.
+"""The tiny Stable Diffusion pipeline of the built-in default run, built locally without a hub or PyTorch.
 
-No model hub is needed: every component is randomly initialised from a small config and saved with
-`save_pretrained` (safetensors), so the loading code under test is the same one that reads real checkpoints.
+Our own Flax models are initialised from small configs and saved in diffusers' folder layout (PyTorch-layout
+safetensors, config.json files, a byte-level tokenizer), so the run reads them with the same loading code
+that reads real checkpoints. (The tests build their fixtures with PyTorch diffusers: tests/pipelines.py.)
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 TINY_KINDS = ("sd1", "sd2")
-_TOKENIZER_MAX_LENGTH = 16
+TOKENIZER_MAX_LENGTH = 16
 # The noise schedule every Stable Diffusion 1.x/2.x scheduler config shares.
 SD_SCHEDULE = dict(
     beta_start=0.00085,
@@ -49,108 +52,151 @@ def atomic_directory(target: str | os.PathLike, done_file: str) -> Iterator[Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_tokenizer(out_dir: Path) -> None:
-    """Write a byte-level CLIP tokenizer with no merges (one token per character)."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters byte-level BPE uses for the bytes 0..255 (GPT-2's mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            shifted[byte] = chr(byte)
+        else:
+            shifted[byte] = chr(256 + extra)
+            extra += 1
+    return [shifted[b] for b in range(256)]
 
-    chars = list(bytes_to_unicode().values())
+
+def write_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Write a byte-level CLIP tokenizer with no merges (one token per character), as transformers reads it."""
+    chars = _byte_alphabet()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (out_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        str(out_dir / "vocab.json"),
-        str(out_dir / "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=_TOKENIZER_MAX_LENGTH,
-    )
-    tokenizer.save_pretrained(str(out_dir))
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": pad_token}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials))
+    config = {**specials, "model_max_length": TOKENIZER_MAX_LENGTH, "tokenizer_class": "CLIPTokenizer",
+              "do_lower_case": True, "clean_up_tokenization_spaces": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def tiny_unet_config(kind: str) -> dict:
-    """UNet2DConditionModel kwargs of a tiny SD1-style or SD2-style UNet."""
+    """diffusers config of a tiny SD1-style or SD2-style UNet."""
     config = dict(
+        _class_name="UNet2DConditionModel",
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=[32, 64],
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
     )
     if kind == "sd2":
-        # SD 2.x: Linear proj_in/proj_out and a head dim per block.
-        config.update(use_linear_projection=True, attention_head_dim=(4, 8))
+        # SD 2.x: Linear proj_in/proj_out and a head count per block.
+        config.update(use_linear_projection=True, attention_head_dim=[4, 8])
     return config
 
 
+TINY_VAE_CONFIG = dict(
+    _class_name="AutoencoderKL",
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[8, 8, 16, 16],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+TINY_TEXT_CONFIG = dict(
+    architectures=["CLIPTextModel"],
+    model_type="clip_text_model",
+    vocab_size=514,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=TOKENIZER_MAX_LENGTH,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=32,
+    bos_token_id=512,
+    eos_token_id=513,
+    pad_token_id=513,
+)
+
+
+def _save_weights(params: dict, file: Path, strip_prefix: str = "") -> None:
+    """Write a Flax param tree as a PyTorch-layout safetensors file (what diffusers' save_pretrained writes)."""
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    from flax_lora.models.convert import flax_to_pt
+
+    state = flax_to_pt(flatten_dict(params))
+    state = {k.removeprefix(strip_prefix): np.asarray(v, np.float32) for k, v in state.items()}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(file), metadata={"format": "pt"})
+
+
 def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int = 0) -> str:
-    """Build and save a tiny PyTorch diffusers pipeline (64 px images, 8x8 latents); return its folder."""
+    """Build and save a tiny randomly initialised diffusers-layout pipeline (64 px, 8x8 latents) with our own models.
+
+    No PyTorch is needed: the weights are our Flax models' initial params written in PyTorch's layout, so the
+    folder loads in diffusers as well as here.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from flax_lora.models import clip, unet, vae
+
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {TINY_KINDS}")
     out = Path(out_dir)
     if (out / "model_index.json").exists():
         return str(out)
-    try:
-        import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-    except ImportError as e:  # torch is a test/dev extra
-        raise ImportError(f"building a tiny pipeline needs PyTorch: pip install torch==2.13.0 ({e})") from e
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(kind))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=514,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=_TOKENIZER_MAX_LENGTH,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-    )
-    text_encoder = CLIPTextModel(text_config)
-    # The schedulers the real checkpoints ship: SD 1.5 PNDM (epsilon), SD 2.x DDIM (v_prediction).
+    unet_config = tiny_unet_config(kind)
+    text_config = {**TINY_TEXT_CONFIG, "hidden_act": "gelu" if kind == "sd2" else "quick_gelu"}
+    keys = jax.random.split(jax.random.key(seed), 3)
+    unet_model = unet.UNet2DConditionModel(unet.UNetConfig.from_dict(unet_config))
+    unet_params = unet_model.init(keys[0], jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 1, 32)))["params"]
+    vae_model = vae.AutoencoderKL(vae.VAEConfig.from_dict(TINY_VAE_CONFIG, "tiny vae"))
+    vae_params = vae_model.init(keys[1], jnp.zeros((1, 3, 64, 64)))["params"]
+    text_model = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config, "tiny text encoder"))
+    text_params = text_model.init(keys[2], jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32))["params"]
     if kind == "sd2":
-        scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="v_prediction")
+        scheduler = {"_class_name": "DDIMScheduler", **SD_SCHEDULE, "clip_sample": False,
+                     "prediction_type": "v_prediction"}
     else:
-        scheduler = PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
+        scheduler = {"_class_name": "PNDMScheduler", **SD_SCHEDULE, "skip_prk_steps": True}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     with atomic_directory(out, "model_index.json") as tmp:
-        _save_pipeline(tmp, unet, vae, text_encoder, scheduler)
+        write_tokenizer(tmp / "tokenizer")
+        for name, config in (("unet", unet_config), ("vae", TINY_VAE_CONFIG), ("text_encoder", text_config)):
+            (tmp / name).mkdir()
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
+        _save_weights(unet_params, tmp / "unet" / "diffusion_pytorch_model.safetensors")
+        _save_weights(vae_params, tmp / "vae" / "diffusion_pytorch_model.safetensors")
+        # transformers 5 saves CLIPTextModel without the `text_model.` prefix.
+        _save_weights(text_params, tmp / "text_encoder" / "model.safetensors", strip_prefix="text_model.")
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
     return str(out)
-
-
-def _save_pipeline(folder: Path, unet, vae, text_encoder, scheduler) -> None:
-    """Assemble a StableDiffusionPipeline with the local tokenizer and save it as safetensors."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    _write_tokenizer(folder / "tokenizer")
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)

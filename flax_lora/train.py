@@ -34,10 +34,15 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_lora.config import DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
+from flax_lora.errors import ExistingOutputError, MissingFileError, UserError
 
 logger = logging.getLogger("flax_lora.train")
 
 DATA_AXIS = "data"
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------------------- noise schedule
@@ -57,30 +62,12 @@ class NoiseSchedule:
 
 def noise_schedule(scheduler_config: dict, prediction_type: str | None = None) -> NoiseSchedule:
     """Build the training noise schedule from a diffusers scheduler config (any DDPM-family scheduler)."""
-    n = int(scheduler_config.get("num_train_timesteps", 1000))
-    kind = scheduler_config.get("beta_schedule", "linear")
-    start, end = float(scheduler_config.get("beta_start", 1e-4)), float(scheduler_config.get("beta_end", 0.02))
-    if scheduler_config.get("trained_betas") is not None:
-        betas = np.asarray(scheduler_config["trained_betas"], np.float64)
-    elif kind == "linear":
-        betas = np.linspace(start, end, n, dtype=np.float64)
-    elif kind == "scaled_linear":
-        betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
-    elif kind == "squaredcos_cap_v2":
-        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
-    else:
-        raise ValueError(f"unsupported beta_schedule {kind!r} in the scheduler config")
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    if scheduler_config.get("rescale_betas_zero_snr"):
-        # Shift and scale sqrt(alpha_bar) so the last timestep has zero SNR (Lin et al. 2023).
-        s = np.sqrt(alphas_cumprod)
-        s = (s - s[-1]) * s[0] / (s[0] - s[-1])
-        alphas_cumprod = s**2
+    from flax_lora.schedulers import alphas_cumprod
+
     target = prediction_type or scheduler_config.get("prediction_type", "epsilon")
     if target not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {target!r}")
-    return NoiseSchedule(alphas_cumprod.astype(np.float32), target)
+        raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', got {target!r}")
+    return NoiseSchedule(np.asarray(alphas_cumprod(scheduler_config), np.float32), target)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -222,24 +209,9 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def encode_text(pipe, te_params, input_ids, lora_tree=None, scale: float = 1.0):
-    """Last hidden state of the text encoder, with LoRA layers when a tree is given."""
-    from flax_lora.lora import lora_scope
-
-    if lora_tree is None:
-        return pipe.text_encoder(input_ids, params=te_params)[0]
-    with lora_scope((lora_tree, scale)):
-        return pipe.text_encoder(input_ids, params=te_params)[0]
-
-
-def predict_noise(pipe, unet_params, latents, t, text_embeddings, lora_tree=None, scale: float = 1.0):
-    """UNet output for NCHW latents, with LoRA layers when a tree is given."""
-    from flax_lora.lora import lora_scope
-
-    if lora_tree is None:
-        return pipe.unet.apply({"params": unet_params}, latents, t, text_embeddings).sample
-    with lora_scope((lora_tree, scale)):
-        return pipe.unet.apply({"params": unet_params}, latents, t, text_embeddings).sample
+def lora_layers(lora: dict, scales: dict[str, float], component: str) -> tuple:
+    """The (tree, scale) pair of a component for the models' LoRA collection; empty when it is not trained."""
+    return ((lora[component], scales[component]),) if component in lora else ()
 
 
 class TrainStep:
@@ -273,7 +245,6 @@ def make_train_step(
 ) -> TrainStep:
     """Jit one optimizer update over the mesh; batch = pixels+ids or cached latents+text embeddings, (accum, B, ...)."""
     scales = lora_scales(adapter_configs)
-    scaling_factor = float(pipe.vae.config.scaling_factor)
     train_te = "text_encoder" in adapter_configs
     replicated = NamedSharding(mesh, P())
     base = base_params if base_params is not None else pipe.params
@@ -285,11 +256,8 @@ def make_train_step(
             mean, std = micro["latent_mean"], micro["latent_std"]
             latents = mean + std * jax.random.normal(k_lat, mean.shape, mean.dtype)
         else:
-            dist = pipe.vae.apply(
-                {"params": base["vae"]}, micro["pixel_values"].astype(compute_dtype), method=pipe.vae.encode
-            ).latent_dist
-            latents = jnp.transpose(dist.sample(k_lat), (0, 3, 1, 2))  # Flax VAE is NHWC; the UNet takes NCHW
-        latents = jax.lax.stop_gradient(latents.astype(jnp.float32) * scaling_factor)
+            latents = pipe.encode_images(base, micro["pixel_values"].astype(compute_dtype)).sample(k_lat)
+        latents = jax.lax.stop_gradient(pipe.vae.scale_latents(latents.astype(jnp.float32)))
         noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
         if noise_offset:
             noise = noise + noise_offset * jax.random.normal(k_off, latents.shape[:2] + (1, 1), jnp.float32)
@@ -299,10 +267,10 @@ def make_train_step(
         if "text_embeddings" in micro:
             emb = micro["text_embeddings"].astype(compute_dtype)
         elif train_te:
-            emb = encode_text(pipe, base["text_encoder"], micro["input_ids"], lora_c["text_encoder"], scales["text_encoder"])
+            emb = pipe.encode_text(base, micro["input_ids"], lora_layers(lora_c, scales, "text_encoder"))
         else:
-            emb = jax.lax.stop_gradient(encode_text(pipe, base["text_encoder"], micro["input_ids"]))
-        pred = predict_noise(pipe, base["unet"], noisy.astype(compute_dtype), t, emb, lora_c["unet"], scales["unet"])
+            emb = jax.lax.stop_gradient(pipe.encode_text(base, micro["input_ids"]))
+        pred = pipe.predict_noise(base, noisy.astype(compute_dtype), t, emb, lora_layers(lora_c, scales, "unet"))
         return diffusion_loss(pred, target, t, schedule, snr_gamma)
 
     grad_fn = jax.value_and_grad(micro_loss)
@@ -418,9 +386,8 @@ def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
         pixels = np.concatenate([pixels, pixels[..., ::-1]])
 
     def encode(vae_params, x):
-        dist = pipe.vae.apply({"params": vae_params}, x.astype(dtype), method=pipe.vae.encode).latent_dist
-        moments = jnp.stack([dist.mean, dist.std], axis=1).astype(jnp.float32)  # (N, 2, h, w, C)
-        return jnp.transpose(moments, (0, 1, 4, 2, 3))
+        dist = pipe.encode_images({"vae": vae_params}, x.astype(dtype))
+        return jnp.stack([dist.mean, dist.std], axis=1).astype(jnp.float32)  # (N, 2, C, h, w)
 
     moments = _local_map(encode, pixels, batch, _cast(pipe.params["vae"], dtype))
     flips = 2 if config.random_flip else 1
@@ -434,11 +401,10 @@ def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
 
 def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> np.ndarray:
     """Text-encoder output for each example's first caption, (n, L, D)."""
-    from flax_lora.loading import tokenize
-
-    ids = tokenize(pipe.tokenizer, [data.captions(i)[0] for i in range(len(data))])
+    ids = pipe.tokenizer([data.captions(i)[0] for i in range(len(data))])
     return _local_map(
-        lambda p, x: encode_text(pipe, p, x).astype(jnp.float32), ids, batch, _cast(pipe.params["text_encoder"], dtype)
+        lambda p, x: pipe.encode_text({"text_encoder": p}, x).astype(jnp.float32),
+        ids, batch, _cast(pipe.params["text_encoder"], dtype),
     )
 
 
@@ -447,19 +413,20 @@ def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> np.ndarray:
 
 def make_validation_pipeline(pipe, train_step: TrainStep, prediction_type: str, steps: int, shape: tuple[int, ...]):
     """inference.py's pipeline on the step's base params and mesh, and the scheduler name to sample with."""
-    from flax_lora.inference import FlaxLoraPipeline, make_sampler, scheduler_name_for_config
+    from flax_lora.inference import FlaxLoraPipeline
+    from flax_lora.schedulers import make_sampler, sampler_name_for_config
 
     # Sample with the target the LoRA learns (--prediction_type may override the pipeline's).
     scheduler_config = {**pipe.scheduler_config, "prediction_type": prediction_type}
     try:
-        name = scheduler_name_for_config(scheduler_config)
+        name = sampler_name_for_config(scheduler_config)
     except ValueError:
         logger.warning("validation samples with DDIM: %s has no Flax sampler", scheduler_config.get("_class_name"))
         name = "ddim"
     try:  # fail before training rather than at the first validation
-        make_sampler(scheduler_config, steps, shape, name)
+        make_sampler(scheduler_config, steps, name)
     except ValueError as e:
-        raise ValueError(
+        raise UserError(
             f"cannot sample validation images with this model's scheduler: {e} (the trainer has no --scheduler "
             "flag; train without --validation_prompt)"
         ) from e
@@ -519,7 +486,7 @@ def resolve_resume(resume: str, output_dir: str) -> tuple[str, int | None]:
     path = os.path.abspath(os.path.expanduser(resume.rstrip("/")))
     name = os.path.basename(path)
     if not name.isdigit() or not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--resume_from_checkpoint {resume}: expected a checkpoint folder like OUTPUT_DIR/checkpoints/500 "
             "or 'latest'"
         )
@@ -663,8 +630,9 @@ def main(config: TrainConfig) -> dict:
         config.variant,
         dtype=compute_dtype,
         param_dtype=compute_dtype,
-        memory_efficient_attention=config.enable_xformers_memory_efficient_attention,
+        attention="chunked" if config.enable_xformers_memory_efficient_attention else "xla",
     )
+    pipe.require_sd("training")
     schedule = noise_schedule(pipe.scheduler_config, config.prediction_type)
     data = load_training_data(config)
 
@@ -714,7 +682,7 @@ def main(config: TrainConfig) -> dict:
         ckpt_dir, resume_step = resolve_resume(config.resume_from_checkpoint, output_dir)
     checkpointer = Checkpointer(ckpt_dir, config.checkpoints_total_limit)
     if not config.resume_from_checkpoint and checkpointer.latest_step() is not None:
-        raise FileExistsError(
+        raise ExistingOutputError(
             f"{ckpt_dir} already holds checkpoints (latest step {checkpointer.latest_step()}); pass "
             "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
         )
@@ -796,7 +764,7 @@ def main(config: TrainConfig) -> dict:
         step, metrics = pending
         m = {k: float(v) for k, v in to_host(metrics).items()}
         if not math.isfinite(m["loss"]):
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"loss is {m['loss']} at step {step}; stopping without saving. The last good checkpoint in "
                 f"{checkpointer.directory} is intact (resume with --resume_from_checkpoint latest); try a lower "
                 "--learning_rate, --max_grad_norm, or bf16 instead of fp16."

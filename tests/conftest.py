@@ -1,4 +1,4 @@
-"""Shared test set-up: 8 fake CPU devices and tiny pipelines built once per session."""
+"""Shared test set-up: 8 fake CPU devices and tiny pipelines, saved by PyTorch diffusers, built once per session."""
 
 import os
 
@@ -8,16 +8,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from flax_lora.tiny import build_tiny_pipeline  # noqa: E402
+from tests.pipelines import build_torch_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_sd1_path(tmp_path_factory) -> str:
-    """A tiny SD1-style pipeline (conv proj_in/out, epsilon) saved by PyTorch diffusers."""
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd1", kind="sd1")
+    """A tiny SD1-style pipeline (conv proj_in/out, epsilon, quick-GELU CLIP) saved by diffusers + transformers 5."""
+    return build_torch_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd1", kind="sd1")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2_path(tmp_path_factory) -> str:
-    """A tiny SD2-style pipeline (linear projections, per-block head dims, v_prediction)."""
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd2", kind="sd2")
+    """A tiny SD2-style pipeline (linear projections, per-block heads, v_prediction, GELU CLIP)."""
+    return build_torch_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd2", kind="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> str:
+    """A tiny SDXL-style pipeline (text_time conditioning, two text encoders, blocks without attention)."""
+    return build_torch_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sdxl", kind="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_old_layout_path(tmp_path_factory) -> str:
+    """The SD1 pipeline with its text encoder saved the transformers 4.x way (`text_model.` keys)."""
+    return build_torch_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd1-old", kind="sd1", old_layout=True)

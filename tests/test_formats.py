@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from flax_lora.formats import AdapterFormatError, load_adapter, read_adapter_base_model, save_adapter
 from flax_lora.loading import load_pipeline
-from flax_lora.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraConfig, lora_scope, new_adapter
+from flax_lora.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraConfig, new_adapter
 
 PROMPTS = ["a red square", "two blue dots"]
 
@@ -35,17 +35,15 @@ def _random_adapter(pipe, name):
 
 def _inputs(pipe):
     rng = np.random.default_rng(0)
-    ids = pipe.tokenizer(PROMPTS, padding="max_length", return_tensors="np").input_ids
+    ids = pipe.tokenizer(PROMPTS)
     return ids, rng.standard_normal((2, 4, 8, 8)).astype(np.float32), np.array([20, 400])
 
 
 def _flax_forward(pipe, adapter, scale=1.0):
     """Text embeddings and UNet output of the Flax pipeline with an adapter."""
     ids, latents, timesteps = _inputs(pipe)
-    with lora_scope(adapter.scope_layers("text_encoder", scale)):
-        text = pipe.text_encoder(ids, params=pipe.params["text_encoder"])[0]
-    with lora_scope(adapter.scope_layers("unet", scale)):
-        noise = pipe.unet.apply({"params": pipe.params["unet"]}, latents, jnp.asarray(timesteps), text).sample
+    text = pipe.encode_text(pipe.params, ids, (adapter.scope_layers("text_encoder", scale),))
+    noise = pipe.predict_noise(pipe.params, latents, jnp.asarray(timesteps), text, (adapter.scope_layers("unet", scale),))
     return np.asarray(text), np.asarray(noise)
 
 
@@ -55,7 +53,7 @@ def _torch_forward(torch_pipe, pipe, scale=1.0):
     if scale != 1.0:
         torch_pipe.set_adapters(torch_pipe.get_active_adapters(), adapter_weights=scale)
     with torch.no_grad():
-        text = torch_pipe.text_encoder(torch.from_numpy(ids))[0]
+        text = torch_pipe.text_encoder(torch.from_numpy(ids).long())[0]
         noise = torch_pipe.unet(torch.from_numpy(latents), torch.from_numpy(timesteps), text).sample
     return text.numpy(), noise.numpy()
 
@@ -100,6 +98,7 @@ def test_diffusers_file_keeps_alpha_in_the_header(tiny_sd1_path, tmp_path):
 
 def test_peft_adapter_made_in_pytorch_imports_into_flax(tiny_sd1_path, tmp_path):
     from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -109,7 +108,8 @@ def test_peft_adapter_made_in_pytorch_imports_into_flax(tiny_sd1_path, tmp_path)
     unet_config = PeftLoraConfig(r=4, lora_alpha=3, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     text_config = PeftLoraConfig(r=2, lora_alpha=7, init_lora_weights=False, target_modules=list(TEXT_ENCODER_TARGETS))
     torch_pipe.unet.add_adapter(unet_config)
-    torch_pipe.text_encoder.add_adapter(text_config)
+    # transformers 5's own add_adapter wants peft>=0.22; peft's injection is what it calls underneath.
+    inject_adapter_in_model(text_config, torch_pipe.text_encoder)
     StableDiffusionPipeline.save_lora_weights(
         tmp_path,
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.unet)),

@@ -1,4 +1,4 @@
-"""LoRA on unmodified Flax models: targets, zero start, scope under jit, merge/unmerge, several adapters."""
+"""LoRA in our models: targets, zero start, the LoRA collection under jit, merge/unmerge, several adapters."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,6 @@ from flax_lora.lora import (
     LoraConfig,
     init_lora,
     lora_modules,
-    lora_scope,
     merge_lora,
     new_adapter,
     pt_module_path,
@@ -31,18 +30,18 @@ def _randomize_up(tree, seed):
     return jax.tree_util.tree_unflatten(treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
-def _unet(pipe, params):
-    """A jitted UNet forward on fixed inputs."""
+def _unet(pipe, params, *lora):
+    """A jitted UNet forward on fixed inputs, with the given (tree, scale) LoRA layers."""
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     text = rng.standard_normal((2, 16, 32)).astype(np.float32)
-    return jax.jit(lambda p: pipe.unet.apply({"params": p}, latents, jnp.array([5, 600]), text).sample)(params)
+    return jax.jit(lambda p, lora: pipe.predict_noise({"unet": p}, latents, jnp.array([5, 600]), text, lora))(params, lora)
 
 
 def test_pt_module_path_keeps_non_list_underscores():
     assert pt_module_path(("down_blocks_0", "attentions_1", "to_out_0")) == "down_blocks.0.attentions.1.to_out.0"
     assert pt_module_path(("time_embedding", "linear_1")) == "time_embedding.linear_1"
-    assert pt_module_path(("text_model", "encoder", "layers", "3", "mlp", "fc1")) == "text_model.encoder.layers.3.mlp.fc1"
+    assert pt_module_path(("text_model", "encoder", "layers_3", "mlp", "fc1")) == "text_model.encoder.layers.3.mlp.fc1"
 
 
 def test_default_targets_and_patterns(pipe):
@@ -75,8 +74,7 @@ def test_fresh_adapter_is_bit_identical_and_scale_is_alpha_over_rank(pipe):
     assert config.scale == 0.5 and LoraConfig(rank=8).scale == 1.0
     adapter = new_adapter(jax.random.key(1), pipe.params, config)
     base = _unet(pipe, pipe.params["unet"])
-    with lora_scope(adapter.scope_layers("unet")):
-        fresh = _unet(pipe, pipe.params["unet"])
+    fresh = _unet(pipe, pipe.params["unet"], adapter.scope_layers("unet"))
     np.testing.assert_array_equal(np.asarray(base), np.asarray(fresh))
 
 
@@ -86,8 +84,7 @@ def test_merged_equals_unmerged_and_unmerge_restores(pipe):
     tree, scale = adapter.scope_layers("unet", multiplier=0.7)
     assert scale == pytest.approx(2.0 * 0.7)
     base = _unet(pipe, pipe.params["unet"])
-    with lora_scope((tree, scale)):
-        unmerged = _unet(pipe, pipe.params["unet"])
+    unmerged = _unet(pipe, pipe.params["unet"], (tree, scale))
     merged_params = merge_lora(pipe.params["unet"], tree, scale)
     merged = _unet(pipe, merged_params)
     assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapter does something
@@ -103,14 +100,12 @@ def test_several_adapters_add_up_with_their_own_weights(pipe):
     first.params["unet"] = _randomize_up(first.params["unet"], 6)
     second.params["unet"] = _randomize_up(second.params["unet"], 7)
     layers = weighted_layers([(first, 0.5), (second, 1.5)], "unet")
-    with lora_scope(*layers):
-        both = _unet(pipe, pipe.params["unet"])
+    both = _unet(pipe, pipe.params["unet"], *layers)
     fused = pipe.params["unet"]
     for tree, scale in layers:
         fused = merge_lora(fused, tree, scale)
     np.testing.assert_allclose(np.asarray(both), np.asarray(_unet(pipe, fused)), atol=1e-5)
-    with lora_scope(layers[0]):
-        only_first = _unet(pipe, pipe.params["unet"])
+    only_first = _unet(pipe, pipe.params["unet"], layers[0])
     assert float(jnp.abs(both - only_first).max()) > 1e-3
 
 
@@ -120,8 +115,7 @@ def test_gradients_reach_only_the_lora_tree(pipe):
     text = jnp.ones((1, 16, 32))
 
     def loss(lora_tree, base):
-        with lora_scope((lora_tree, 1.0)):
-            return jnp.mean(pipe.unet.apply({"params": base}, latents, jnp.array([3]), text).sample ** 2)
+        return jnp.mean(pipe.predict_noise({"unet": base}, latents, jnp.array([3]), text, ((lora_tree, 1.0),)) ** 2)
 
     grads = jax.jit(jax.grad(loss))(adapter.params["unet"], pipe.params["unet"])
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapter.params["unet"])

@@ -15,7 +15,6 @@ import pytest
 from flax_lora import train as T
 from flax_lora.config import TrainConfig
 from flax_lora.data import BatchLoader, build_tiny_dataset, load_image_folder, preprocess_image
-from flax_lora.loading import tokenize
 
 torch = pytest.importorskip("torch")
 
@@ -158,7 +157,7 @@ def _eval_batch(pipe, data_dir):
     pixels = np.stack(
         [preprocess_image(data.load_image(i), 64, True, False, np.random.default_rng(0)) for i in range(len(data))]
     )
-    ids = tokenize(pipe.tokenizer, [data.captions(i)[0] for i in range(len(data))])
+    ids = pipe.tokenizer([data.captions(i)[0] for i in range(len(data))])
     t = np.array([50, 200, 400, 600, 800], np.int32)
     pixels, ids = np.repeat(pixels, len(t), 0), np.repeat(ids, len(t), 0)
     t = np.tile(t, len(data))
@@ -171,12 +170,11 @@ def _jax_eval_loss(pipe, lora_tree, scale, pixels, ids, t, noise) -> float:
 
 
 def _eval_loss_fn(pipe, lora_tree, scale, pixels, ids, t, noise):
-    dist = pipe.vae.apply({"params": pipe.params["vae"]}, pixels, method=pipe.vae.encode).latent_dist
-    latents = jnp.transpose(dist.mean, (0, 3, 1, 2)) * pipe.vae.config.scaling_factor
+    latents = pipe.vae.scale_latents(pipe.encode_images(pipe.params, pixels).mean)
     sched = T.noise_schedule(pipe.scheduler_config)
     noisy, target = T.add_noise(sched, latents, jnp.asarray(noise), jnp.asarray(t))
-    emb = T.encode_text(pipe, pipe.params["text_encoder"], ids)
-    pred = T.predict_noise(pipe, pipe.params["unet"], noisy, jnp.asarray(t), emb, lora_tree, scale)
+    emb = pipe.encode_text(pipe.params, ids)
+    pred = pipe.predict_noise(pipe.params, noisy, jnp.asarray(t), emb, ((lora_tree, scale),))
     return jnp.mean((pred - target) ** 2)
 
 

@@ -267,7 +267,8 @@ def run_flax(cfg: BenchConfig) -> dict:
     from flax_lora.lora import LoraConfig, UNET_TARGETS, init_lora
     from flax_lora.models.unet import UNet2DConditionModel, UNetConfig
     from flax_lora.models.vae import AutoencoderKL, VAEConfig
-    from flax_lora.train import NoiseSchedule, batch_sharding, create_train_state, make_mesh, make_train_step
+    from flax_lora.sharding import batch_sharding, make_mesh
+    from flax_lora.train import NoiseSchedule, create_train_state, make_train_step
 
     device = jax.devices()[0]
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32

@@ -27,6 +27,7 @@ import numpy as np
 from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
 from flax_lora.cli import flag as _f
 from flax_lora.schedulers import SAMPLER_NAMES as SCHEDULER_NAMES
+from flax_lora.sharding import make_mesh
 
 if TYPE_CHECKING:
     from flax_lora.schedulers import Sampler
@@ -46,13 +47,6 @@ class LoadedLora:
     fused: bool = False
 
 
-def batch_mesh(devices: list | None = None):
-    """A 1-D mesh over all (or the given) devices; images are split along its "batch" axis."""
-    from jax.sharding import Mesh
-
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("batch",))
-
-
 class FlaxLoraPipeline:
     """Stable Diffusion text-to-image in Flax with LoRA adapters; `__call__` returns images in [0, 1]."""
 
@@ -61,9 +55,9 @@ class FlaxLoraPipeline:
 
         pipe.require_sd("inference")
         self.pipe = pipe
-        self.mesh = mesh if mesh is not None else batch_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        # Split images over every device of any mesh (e.g. the trainer's "data" mesh), not only batch_mesh's.
+        # Split images over every device of the mesh, whatever its axes.
         self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
         self._base_params = jax.device_put(pipe.params, self._replicated)
         self.params = self._base_params  # the base weights with every fused adapter merged in
@@ -367,6 +361,7 @@ def run(config: InferConfig) -> list[str]:
     from PIL import Image
 
     from flax_lora.formats import resolve_adapter_file
+    from flax_lora.loading import COMPUTE_DTYPES
 
     for path in config.lora:  # fail before the (slow) model load
         resolve_adapter_file(path)

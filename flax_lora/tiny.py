@@ -132,6 +132,30 @@ TINY_TEXT_CONFIG = dict(
 )
 
 
+def _random_params(model, seed: int, *inputs) -> dict:
+    """Random params of a model's shapes, drawn in numpy (compiling Flax's init costs ~20 s on CPU for nothing).
+
+    Kernels ~ N(0, 1/fan_in), biases and embeddings small, norm scales near 1: every parameter differs from its
+    neutral value, so a comparison with PyTorch exercises all of them.
+    """
+    import jax
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"])
+    rng = np.random.default_rng(seed)
+    params = {}
+    for path, leaf in sorted(shapes.items()):
+        shape = tuple(leaf.shape)
+        if path[-1] == "kernel":
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+        elif path[-1] == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:  # bias, embedding
+            value = 0.05 * rng.standard_normal(shape)
+        params[path] = value.astype(np.float32)
+    return unflatten_dict(params)
+
+
 def _save_weights(params: dict, file: Path, strip_prefix: str = "") -> None:
     """Write a Flax param tree as a PyTorch-layout safetensors file (what diffusers' save_pretrained writes)."""
     from flax.traverse_util import flatten_dict
@@ -163,13 +187,12 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
         return str(out)
     unet_config = tiny_unet_config(kind)
     text_config = {**TINY_TEXT_CONFIG, "hidden_act": "gelu" if kind == "sd2" else "quick_gelu"}
-    keys = jax.random.split(jax.random.key(seed), 3)
     unet_model = unet.UNet2DConditionModel(unet.UNetConfig.from_dict(unet_config))
-    unet_params = unet_model.init(keys[0], jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 1, 32)))["params"]
+    unet_params = _random_params(unet_model, seed, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 1, 32)))
     vae_model = vae.AutoencoderKL(vae.VAEConfig.from_dict(TINY_VAE_CONFIG, "tiny vae"))
-    vae_params = vae_model.init(keys[1], jnp.zeros((1, 3, 64, 64)))["params"]
+    vae_params = _random_params(vae_model, seed + 1, jnp.zeros((1, 3, 64, 64)))
     text_model = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config, "tiny text encoder"))
-    text_params = text_model.init(keys[2], jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32))["params"]
+    text_params = _random_params(text_model, seed + 2, jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32))
     if kind == "sd2":
         scheduler = {"_class_name": "DDIMScheduler", **SD_SCHEDULE, "clip_sample": False,
                      "prediction_type": "v_prediction"}

@@ -35,10 +35,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_lora.config import DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
 from flax_lora.errors import ExistingOutputError, MissingFileError, UserError
+from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh
 
 logger = logging.getLogger("flax_lora.train")
-
-DATA_AXIS = "data"
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -189,17 +188,6 @@ def create_train_state(lora_params: dict, optimizer: optax.GradientTransformatio
 # ------------------------------------------------------------------------------------------- the step
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D data-parallel mesh over all devices of all processes."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of batch arrays shaped (accum, global_batch, ...): rows split over the data axis."""
-    return NamedSharding(mesh, P(None, DATA_AXIS))
-
-
 def lora_scales(adapter_configs: dict) -> dict[str, float]:
     """alpha / rank per component."""
     return {k: float(c.scale) for k, c in adapter_configs.items()}
@@ -346,7 +334,7 @@ def to_host(tree):
 def _local_map(fn: Callable, inputs: np.ndarray, batch: int, extra=()) -> np.ndarray:
     """Run a jitted fn over inputs in fixed-size chunks on this process's devices; returns numpy."""
     local = jax.local_devices()
-    mesh = Mesh(np.asarray(local), (DATA_AXIS,))
+    mesh = make_mesh(local)
     batch = max(batch, len(local)) // len(local) * len(local)
     sharded = NamedSharding(mesh, P(DATA_AXIS))
     extra = jax.device_put(extra, NamedSharding(mesh, P()))

@@ -17,13 +17,13 @@ from flax_lora.data import (
 
 
 class CharTokenizer:
-    """Stand-in tokenizer with the CLIPTokenizer call signature used by the loader."""
+    """Stand-in tokenizer with flax_lora.tokenizer.CLIPTokenizer's call signature: texts -> int32 (N, L) ids."""
 
     model_max_length = 8
 
-    def __call__(self, texts, padding, max_length, truncation, return_tensors):
-        ids = np.array([[ord(c) % 100 for c in t[:max_length].ljust(max_length)] for t in texts])
-        return type("Out", (), {"input_ids": ids})()
+    def __call__(self, texts):
+        n = self.model_max_length
+        return np.array([[ord(c) % 100 for c in t[:n].ljust(n)] for t in texts], np.int32)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_lora.formats import AdapterFormatError, save_adapter
-from flax_lora.inference import FlaxLoraPipeline, batch_mesh, parse_args, run, to_uint8
+from flax_lora.inference import FlaxLoraPipeline, parse_args, run, to_uint8
+from flax_lora.sharding import make_mesh
 from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraConfig, new_adapter
 
 PROMPT = "a photo of a cat"
@@ -206,7 +207,7 @@ def test_sharded_batch_compiles_once_per_shape(sd1):
     wide = sd1(PROMPT, height=48, width=80, **kwargs)
     assert wide.shape == (3, 48, 80, 3) and sd1.trace_count == traces + 1
 
-    single = FlaxLoraPipeline(sd1.pipe, mesh=batch_mesh(jax.devices()[:1]))
+    single = FlaxLoraPipeline(sd1.pipe, mesh=make_mesh(jax.devices()[:1]))
     np.testing.assert_allclose(single(PROMPT, seed=0, **kwargs), images, atol=1e-5)
 
 

@@ -174,7 +174,8 @@ def _eval_loss_fn(pipe, lora_tree, scale, pixels, ids, t, noise):
     sched = T.noise_schedule(pipe.scheduler_config)
     noisy, target = T.add_noise(sched, latents, jnp.asarray(noise), jnp.asarray(t))
     emb = pipe.encode_text(pipe.params, ids)
-    pred = pipe.predict_noise(pipe.params, noisy, jnp.asarray(t), emb, ((lora_tree, scale),))
+    lora = () if lora_tree is None else ((lora_tree, scale),)
+    pred = pipe.predict_noise(pipe.params, noisy, jnp.asarray(t), emb, lora)
     return jnp.mean((pred - target) ** 2)
 
 

@@ -175,7 +175,6 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
     No PyTorch is needed: the weights are our Flax models' initial params written in PyTorch's layout, so the
     folder loads in diffusers as well as here.
     """
-    import jax
     import jax.numpy as jnp
 
     from flax_lora.models import clip, unet, vae

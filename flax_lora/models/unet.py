@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_lora.models.layers import Conv2d, Dtype, GroupNorm, LayerNorm, Linear, activation, multi_head_attention
+from flax_lora.models.layers import Conv2d, Dtype, GroupNorm, LayerNorm, Linear, multi_head_attention
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")

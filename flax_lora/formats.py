@@ -17,6 +17,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from flax_lora.errors import MissingFileError, UserError
+from flax_lora.models.convert import UnreadableWeightsError, read_safetensors
 from flax_lora.lora import LoraAdapter, LoraConfig, ModulePath, Params, linear_modules, lora_modules, pt_module_path
 
 FORMATS = ("diffusers", "kohya")
@@ -181,16 +182,11 @@ def resolve_adapter_file(path: str | os.PathLike) -> Path:
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and header metadata of a safetensors adapter, with a clear error for a broken file."""
-    from safetensors import safe_open
-
     file = resolve_adapter_file(path)
     try:
-        with safe_open(str(file), framework="np") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise AdapterFormatError(f"{file} is not a readable safetensors adapter ({type(e).__name__}: {e})") from e
-    return tensors, metadata
+        return read_safetensors(file)
+    except UnreadableWeightsError as e:
+        raise AdapterFormatError(f"{file} is not a readable safetensors adapter ({e})") from e
 
 
 def read_adapter_base_model(path: str | os.PathLike) -> str | None:

@@ -15,21 +15,19 @@ Design:
 from __future__ import annotations
 
 import json
-import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_lora.errors import MissingFileError, UserError
 from flax_lora.lora import LORA, lora_variables
 from flax_lora.models import clip, unet as unet_lib, vae as vae_lib
-from flax_lora.models.convert import CheckpointMismatchError, pt_to_flax
+from flax_lora.models.convert import CheckpointMismatchError, read_safetensors
 from flax_lora.tokenizer import CLIPTokenizer
 
 Params = dict[str, Any]
@@ -46,10 +44,6 @@ _WEIGHT_STEMS = (
 )
 # --mixed_precision values (flax_lora.cli.MIXED_PRECISION) -> compute dtype of the frozen model.
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
 
 
 class PipelineError(UserError):
@@ -71,7 +65,6 @@ class SDPipeline:
     pipeline_class: str = "StableDiffusionPipeline"
     text_encoder_2: clip.CLIPTextModel | None = None
     tokenizer_2: CLIPTokenizer | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -112,41 +105,10 @@ class SDPipeline:
         return self.vae.apply({"params": params["vae"]}, self.vae.unscale_latents(latents), method=self.vae.decode)
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file as numpy arrays (bfloat16 too, which safetensors.numpy cannot give)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    try:
-        header_len = int.from_bytes(buffer[:8], "little")
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
-    except (ValueError, IndexError) as e:
-        raise PipelineError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-    header.pop("__metadata__", None)
-    base = 8 + header_len
-    tensors = {}
-    for key, info in header.items():
-        dtype = info["dtype"]
-        if dtype == "BF16":
-            import ml_dtypes
-
-            np_dtype = ml_dtypes.bfloat16
-        elif dtype in _SAFETENSORS_DTYPES:
-            np_dtype = _SAFETENSORS_DTYPES[dtype]
-        else:
-            raise PipelineError(f"{path}: tensor {key!r} has dtype {dtype}, which is not supported")
-        start, end = info["data_offsets"]
-        if base + end > size:
-            raise PipelineError(f"{path} is truncated: tensor {key!r} ends at byte {base + end} of {size}")
-        tensors[key] = np.frombuffer(buffer, np_dtype, count=(end - start) // np.dtype(np_dtype).itemsize,
-                                     offset=base + start).reshape(info["shape"])
-    return tensors
-
-
 def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
     """Read one weight file (safetensors or PyTorch .bin) into a flat dict of numpy arrays."""
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return read_safetensors(path)[0]
     if path.suffix == ".bin":
         from flax_lora.models.torch_pickle import load_torch_file
 
@@ -215,13 +177,22 @@ def resolve_pipeline_folder(name_or_path: str, revision: str | None = None, vari
     return snapshot_download(name_or_path, revision=revision, allow_patterns=list(_CONFIG_FILES) + wanted)
 
 
-def _load_weights(folder: Path, component: str, variant: str | None, shapes: Params, normalize, param_dtype) -> Params:
-    """Read, map and cast one component's weights onto its parameter shapes."""
+def _component_weights(folder: Path, component: str, variant: str | None) -> tuple[dict[str, np.ndarray], str]:
+    """A component's PyTorch state dict and the file it came from (for errors)."""
     listing = [f"{component}/{p.name}" for p in (folder / component).iterdir()]
     files = weight_files(listing, component, variant)
-    source = str(folder / files[0])
-    flat = pt_to_flax(read_weights(folder, files), flatten_dict(shapes), source, normalize)
-    return unflatten_dict({k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=param_dtype) for k, v in flat.items()})
+    return read_weights(folder, files), str(folder / files[0])
+
+
+def _component_config(folder: Path, component: str, config_class) -> Any:
+    """A component's config.json read by our model's config class; an unimplemented field is a PipelineError."""
+    path = folder / component / "config.json"
+    try:
+        return config_class.from_dict(_read_json(path), str(path))
+    except PipelineError:
+        raise
+    except ValueError as e:  # the model files raise ValueError naming the file, the field and the value
+        raise PipelineError(str(e)) from e
 
 
 def _check_components(folder: Path, index: dict) -> None:
@@ -262,43 +233,34 @@ def load_pipeline(
     folder = Path(resolve_pipeline_folder(name_or_path, revision, variant))
     index = _read_json(folder / "model_index.json")
     _check_components(folder, index)
-    try:
-        unet_config = unet_lib.UNetConfig.from_dict(_read_json(folder / "unet" / "config.json"), str(folder / "unet" / "config.json"))
-        vae_config = vae_lib.VAEConfig.from_dict(_read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json"))
-    except ValueError as e:
-        raise PipelineError(str(e)) from e
-    unet = unet_lib.UNet2DConditionModel(unet_config, dtype, attention)
-    vae_weights = read_weights(folder, weight_files([f"vae/{p.name}" for p in (folder / "vae").iterdir()], "vae", variant))
-    vae, vae_params = vae_lib.load_vae(vae_weights, vae_config, str(folder / "vae"), dtype, param_dtype)
-    params = {
-        "unet": _load_weights(folder, "unet", variant, unet_lib.init_shapes(unet_config), lambda k: k, param_dtype),
-        "vae": vae_params,
+    loaders = {
+        "unet": (unet_lib.UNetConfig, unet_lib.load_unet),
+        "vae": (vae_lib.VAEConfig, vae_lib.load_vae),
+        "text_encoder": (clip.CLIPTextConfig, clip.load_clip),
+        "text_encoder_2": (clip.CLIPTextConfig, clip.load_clip),
     }
-    encoders = {}
-    for component in ("text_encoder", "text_encoder_2"):
-        if not index.get(component) or index[component][-1] is None:
-            continue
-        config_path = folder / component / "config.json"
-        try:
-            config = clip.CLIPTextConfig.from_dict(_read_json(config_path), str(config_path))
-        except ValueError as e:
-            raise PipelineError(str(e)) from e
-        files = weight_files([f"{component}/{p.name}" for p in (folder / component).iterdir()], component, variant)
-        encoders[component], params[component] = clip.load_clip(
-            read_weights(folder, files), config, str(folder / files[0]), dtype, param_dtype
-        )
-    has_second = "text_encoder_2" in encoders
+    components = [c for c in loaders if c != "text_encoder_2" or index.get(c)]
+    # Every config is checked before the first (slow) weight file is read.
+    configs = {c: _component_config(folder, c, loaders[c][0]) for c in components}
+    models, params = {}, {}
+    for component in components:
+        weights, source = _component_weights(folder, component, variant)
+        # Only the UNet takes the attention choice: the VAE's one attention layer and CLIP's causal 77 tokens stay xla.
+        kwargs = {"attention": attention} if component == "unet" else {}
+        load = loaders[component][1]
+        models[component], params[component] = load(weights, configs[component], source, dtype, param_dtype, **kwargs)
+    has_second = "text_encoder_2" in models
     return SDPipeline(
-        unet=unet,
-        text_encoder=encoders["text_encoder"],
-        vae=vae,
+        unet=models["unet"],
+        text_encoder=models["text_encoder"],
+        vae=models["vae"],
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"),
         params=params,
         path=str(folder),
         name=name_or_path,
         pipeline_class=index["_class_name"],
-        text_encoder_2=encoders.get("text_encoder_2"),
+        text_encoder_2=models.get("text_encoder_2"),
         tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2") if has_second else None,
     )
 

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
-from flax_lora.models.convert import pt_to_flax
+from flax_lora.models.convert import load_params
 from flax_lora.models.layers import ACTIVATIONS, LayerNorm, Linear, activation, multi_head_attention
 
 Dtype = Any
@@ -259,5 +259,4 @@ def load_clip(
     `source` names the weights in errors (CheckpointMismatchError on a missing, extra or misshapen key).
     """
     model = CLIPTextModel(config, dtype=dtype, attention=attention)
-    flat = pt_to_flax(weights, param_shapes(model), source, normalize=normalize_pt_key)
-    return model, unflatten_dict({k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()})
+    return model, load_params(weights, param_shapes(model), source, param_dtype, normalize_pt_key)

@@ -8,6 +8,9 @@ Model files own the key spellings that differ between library versions (`normali
 
 from __future__ import annotations
 
+import json
+import mmap
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +44,53 @@ _PT_LEAVES = {"weight": ("kernel", "scale", "embedding"), "bias": ("bias",)}
 
 class CheckpointMismatchError(UserError):
     """A checkpoint whose keys or shapes do not fit the model its config describes."""
+
+
+class UnreadableWeightsError(UserError):
+    """A weight file that is not what its name says (truncated, foreign, an unknown dtype)."""
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors (numpy, bfloat16 too, which safetensors.numpy cannot give) and header metadata of a safetensors file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    try:
+        header_len = int.from_bytes(buffer[:8], "little")
+        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a {type(header).__name__}, not a table of tensors")
+    except ValueError as e:  # JSON and unicode errors are ValueErrors
+        raise UnreadableWeightsError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        try:
+            dtype, (start, end), shape = info["dtype"], info["data_offsets"], info["shape"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UnreadableWeightsError(f"{path}: the header entry of tensor {key!r} is malformed ({info!r})") from e
+        if dtype == "BF16":
+            import ml_dtypes
+
+            np_dtype = ml_dtypes.bfloat16
+        elif dtype in _SAFETENSORS_DTYPES:
+            np_dtype = _SAFETENSORS_DTYPES[dtype]
+        else:
+            raise UnreadableWeightsError(f"{path}: tensor {key!r} has dtype {dtype}, which is not supported")
+        if base + end > size:
+            raise UnreadableWeightsError(f"{path} is truncated: tensor {key!r} ends at byte {base + end} of {size}")
+        count = (end - start) // np.dtype(np_dtype).itemsize
+        if count != int(np.prod(shape)):
+            raise UnreadableWeightsError(f"{path}: tensor {key!r} has {count} values for shape {shape}")
+        tensors[key] = np.frombuffer(buffer, np_dtype, count=count, offset=base + start).reshape(shape)
+    return tensors, metadata
 
 
 def pt_module_path(flax_path: tuple[str, ...]) -> str:
@@ -111,6 +161,21 @@ def pt_to_flax(
             f"(e.g. {unexpected[:3]}), {len(missing)} missing params (e.g. {missing[:3]})"
         )
     return flat
+
+
+def load_params(
+    state: dict[str, np.ndarray],
+    shapes: FlatParams,
+    source: str,
+    param_dtype: Any,
+    normalize: Callable[[str], str | None] = lambda key: key,
+) -> dict:
+    """A model's param tree from a PyTorch state dict (`pt_to_flax`), cast to `param_dtype` on the device."""
+    import jax.numpy as jnp
+    from flax.traverse_util import unflatten_dict
+
+    flat = pt_to_flax(state, shapes, source, normalize)
+    return unflatten_dict({k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()})
 
 
 def flax_to_pt(flat: FlatParams) -> dict[str, np.ndarray]:

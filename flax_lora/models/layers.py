@@ -139,6 +139,64 @@ class LayerNorm(nn.Module):
         return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
+class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D: norm-act-conv twice, the timestep embedding (when given) added in between, and a
+    1x1 `conv_shortcut` when the width changes."""
+
+    out_channels: int
+    groups: int
+    eps: float
+    act_fn: str = "silu"
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        act = activation(self.act_fn, f"ResnetBlock2D {self.path}")
+        h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x))
+        h = Conv2d(self.out_channels, dtype=self.dtype, name="conv1")(h)
+        if temb is not None:
+            h = h + Linear(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb))[:, None, None, :]
+        h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
+        h = Conv2d(self.out_channels, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = Conv2d(self.out_channels, kernel_size=1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
+        return (x.astype(h.dtype) + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """diffusers' Downsample2D: a stride-2 3x3 `conv`; padding 0 pads one row/column at the bottom/right first."""
+
+    features: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return Conv2d(self.features, stride=2, padding=self.padding, dtype=self.dtype, name="conv")(x)
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of NHWC to `size`, picking source pixel floor(i * in / out) as PyTorch does."""
+    rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
+    cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
+    return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nn.Module):
+    """diffusers' Upsample2D: nearest-neighbour to `size` (default twice the input), then a 3x3 `conv`."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        x = upsample_nearest(x, size or (2 * x.shape[1], 2 * x.shape[2]))
+        return Conv2d(self.features, dtype=self.dtype, name="conv")(x)
+
+
 def multi_head_attention(
     query: jax.Array, key: jax.Array, value: jax.Array, heads: int, causal: bool = False, implementation: str = "xla"
 ) -> jax.Array:

@@ -19,8 +19,22 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict
 
-from flax_lora.models.layers import Conv2d, Dtype, GroupNorm, LayerNorm, Linear, multi_head_attention
+from flax_lora.models.convert import load_params
+
+from flax_lora.models.layers import (
+    Conv2d,
+    Downsample2D,
+    Dtype,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    ResnetBlock2D,
+    Upsample2D,
+    multi_head_attention,
+)
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -239,28 +253,6 @@ class TimestepEmbedding(nn.Module):
         return Linear(self.features, dtype=self.dtype, name="linear_2")(x)
 
 
-class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, a 1x1 shortcut when widths differ."""
-
-    out_channels: int
-    groups: int
-    eps: float
-    output_scale_factor: float = 1.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        h = jax.nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x))
-        h = Conv2d(self.out_channels, dtype=self.dtype, name="conv1")(h)
-        temb = Linear(self.out_channels, dtype=self.dtype, name="time_emb_proj")(jax.nn.silu(temb))
-        h = h + temb[:, None, None, :]
-        h = jax.nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
-        h = Conv2d(self.out_channels, dtype=self.dtype, name="conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            x = Conv2d(self.out_channels, kernel_size=1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
-        return (x.astype(h.dtype) + h) / self.output_scale_factor
-
-
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v and a biased output projection (`to_out.0`)."""
 
@@ -352,26 +344,6 @@ class Transformer2DModel(nn.Module):
         return h + x
 
 
-def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of NHWC to `size`, picking source pixel floor(i * in / out) as PyTorch does."""
-    rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
-    cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
-    return x[:, rows][:, :, cols]
-
-
-class _Resample(nn.Module):
-    """diffusers' Downsample2D / Upsample2D convolution, kept under its PyTorch name `conv`."""
-
-    features: int
-    stride: int = 1
-    padding: int = 1
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return Conv2d(self.features, stride=self.stride, padding=self.padding, dtype=self.dtype, name="conv")(x)
-
-
 class UNetBlock(nn.Module):
     """One down, mid or up block: resnets, optional transformers after each, optional down/upsampler."""
 
@@ -399,7 +371,10 @@ class UNetBlock(nn.Module):
 
     def _resnet(self, i: int, scale: float = 1.0) -> ResnetBlock2D:
         c = self.config
-        return ResnetBlock2D(self.out_channels, c.norm_num_groups, c.norm_eps, scale, self.dtype, name=f"resnets_{i}")
+        return ResnetBlock2D(
+            self.out_channels, c.norm_num_groups, c.norm_eps, output_scale_factor=scale, dtype=self.dtype,
+            name=f"resnets_{i}",
+        )
 
     @nn.compact
     def __call__(self, x, temb, context, skips=(), upsample_size=None):
@@ -422,14 +397,11 @@ class UNetBlock(nn.Module):
         if self.kind == "down":
             if self.add_sampler:
                 pad = self.config.downsample_padding
-                if pad == 0:  # diffusers pads bottom/right by one, then convolves unpadded
-                    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-                x = _Resample(self.out_channels, stride=2, padding=pad, dtype=self.dtype, name="downsamplers_0")(x)
+                x = Downsample2D(self.out_channels, pad, self.dtype, name="downsamplers_0")(x)
                 outputs.append(x)
             return x, tuple(outputs)
         if self.add_sampler:
-            size = upsample_size or (2 * x.shape[1], 2 * x.shape[2])
-            x = _Resample(self.out_channels, dtype=self.dtype, name="upsamplers_0")(upsample_nearest(x, size))
+            x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -530,3 +502,15 @@ def init_shapes(config: UNetConfig, dtype: Dtype = jnp.float32) -> dict:
         added = {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
     return jax.eval_shape(lambda key: model.init(key, sample, jnp.zeros((1,)), context, added), jax.random.key(0))["params"]
 
+
+def load_unet(
+    weights: dict[str, np.ndarray],
+    config: UNetConfig,
+    source: str,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    attention: str = "xla",
+) -> tuple[UNet2DConditionModel, dict]:
+    """Our UNet and its params (cast to `param_dtype`) from a diffusers PyTorch state dict."""
+    model = UNet2DConditionModel(config, dtype, attention)
+    return model, load_params(weights, flatten_dict(init_shapes(config)), source, param_dtype)

@@ -22,10 +22,20 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
-from flax_lora.models.convert import pt_to_flax
-from flax_lora.models.layers import Conv2d, Dtype, GroupNorm, Linear, activation, multi_head_attention
+from flax_lora.models.convert import load_params
+from flax_lora.models.layers import (
+    Conv2d,
+    Downsample2D,
+    Dtype,
+    GroupNorm,
+    Linear,
+    ResnetBlock2D,
+    Upsample2D,
+    activation,
+    multi_head_attention,
+)
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -128,48 +138,9 @@ def _nhwc(x: jax.Array) -> jax.Array:
     return jnp.transpose(x, (0, 2, 3, 1))
 
 
-class ResnetBlock2D(nn.Module):
-    """diffusers' ResnetBlock2D without a time embedding (output_scale_factor 1)."""
-
-    out_channels: int
-    groups: int
-    act_fn: str
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        act = activation(self.act_fn, "VAE config act_fn")
-        h = act(GroupNorm(self.groups, _EPS, self.dtype, name="norm1")(x))
-        h = Conv2d(self.out_channels, 3, 1, 1, dtype=self.dtype, name="conv1")(h)
-        h = act(GroupNorm(self.groups, _EPS, self.dtype, name="norm2")(h))
-        h = Conv2d(self.out_channels, 3, 1, 1, dtype=self.dtype, name="conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            x = Conv2d(self.out_channels, 1, 1, 0, dtype=self.dtype, name="conv_shortcut")(x)
-        return x.astype(self.dtype) + h
-
-
-class Downsample2D(nn.Module):
-    """Stride-2 conv after padding one row/column at the bottom/right (diffusers' VAE `downsample_padding=0`)."""
-
-    channels: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return Conv2d(self.channels, 3, 2, 0, dtype=self.dtype, name="conv")(x)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 upsampling, then a 3x3 conv."""
-
-    channels: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return Conv2d(self.channels, 3, 1, 1, dtype=self.dtype, name="conv")(x)
+def _resnet(config: VAEConfig, channels: int, dtype: Dtype, name: str) -> ResnetBlock2D:
+    """The VAE's resnet: no timestep embedding, epsilon 1e-6, the config's activation."""
+    return ResnetBlock2D(channels, config.norm_num_groups, _EPS, config.act_fn, dtype=dtype, name=name)
 
 
 class SpatialAttention(nn.Module):
@@ -201,44 +172,29 @@ class MidBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         channels = c.block_out_channels[-1]
-        x = ResnetBlock2D(channels, c.norm_num_groups, c.act_fn, self.dtype, name="resnets_0")(x)
+        x = _resnet(c, channels, self.dtype, "resnets_0")(x)
         if c.mid_block_add_attention:
             x = SpatialAttention(c.norm_num_groups, self.dtype, self.attention, name="attentions_0")(x)
-        return ResnetBlock2D(channels, c.norm_num_groups, c.act_fn, self.dtype, name="resnets_1")(x)
+        return _resnet(c, channels, self.dtype, "resnets_1")(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """`layers_per_block` resnets, then a downsampler unless it is the last block."""
+class ResnetStack(nn.Module):
+    """diffusers' DownEncoderBlock2D / UpDecoderBlock2D: resnets, then a downsampler or upsampler when given."""
 
     config: VAEConfig
     out_channels: int
-    add_downsample: bool
+    num_layers: int
+    resample: str | None  # "down", "up" or None (the last block)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        for i in range(c.layers_per_block):
-            x = ResnetBlock2D(self.out_channels, c.norm_num_groups, c.act_fn, self.dtype, name=f"resnets_{i}")(x)
-        if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    """`layers_per_block + 1` resnets, then an upsampler unless it is the last block."""
-
-    config: VAEConfig
-    out_channels: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        for i in range(c.layers_per_block + 1):
-            x = ResnetBlock2D(self.out_channels, c.norm_num_groups, c.act_fn, self.dtype, name=f"resnets_{i}")(x)
-        if self.add_upsample:
+        for i in range(self.num_layers):
+            x = _resnet(c, self.out_channels, self.dtype, f"resnets_{i}")(x)
+        if self.resample == "down":
+            x = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
         return x
 
@@ -256,7 +212,8 @@ class Encoder(nn.Module):
         x = Conv2d(c.block_out_channels[0], 3, 1, 1, dtype=self.dtype, name="conv_in")(x)
         last = len(c.block_out_channels) - 1
         for i, channels in enumerate(c.block_out_channels):
-            x = DownEncoderBlock2D(c, channels, i != last, self.dtype, name=f"down_blocks_{i}")(x)
+            resample = "down" if i != last else None
+            x = ResnetStack(c, channels, c.layers_per_block, resample, self.dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(c, self.dtype, self.attention, name="mid_block")(x)
         # diffusers' Encoder/Decoder use SiLU here whatever act_fn says.
         x = jax.nn.silu(GroupNorm(c.norm_num_groups, _EPS, self.dtype, name="conv_norm_out")(x))
@@ -277,7 +234,8 @@ class Decoder(nn.Module):
         x = MidBlock(c, self.dtype, self.attention, name="mid_block")(x)
         widths = tuple(reversed(c.block_out_channels))
         for i, channels in enumerate(widths):
-            x = UpDecoderBlock2D(c, channels, i != len(widths) - 1, self.dtype, name=f"up_blocks_{i}")(x)
+            resample = "up" if i != len(widths) - 1 else None
+            x = ResnetStack(c, channels, c.layers_per_block + 1, resample, self.dtype, name=f"up_blocks_{i}")(x)
         x = jax.nn.silu(GroupNorm(c.norm_num_groups, _EPS, self.dtype, name="conv_norm_out")(x))
         return Conv2d(c.out_channels, 3, 1, 1, dtype=self.dtype, name="conv_out")(x)
 
@@ -363,5 +321,4 @@ def load_vae(
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
     """Our AutoencoderKL and its params (cast to `param_dtype`) from a diffusers PyTorch state dict."""
     model = AutoencoderKL(config, dtype=dtype, attention=attention)
-    flat = pt_to_flax(weights, param_shapes(model), source, normalize_pt_key)
-    return model, unflatten_dict({k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()})
+    return model, load_params(weights, param_shapes(model), source, param_dtype, normalize_pt_key)

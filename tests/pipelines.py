@@ -18,6 +18,34 @@ from flax_lora.tiny import SD_SCHEDULE, TOKENIZER_MAX_LENGTH, atomic_directory, 
 KINDS = ("sd1", "sd2", "sdxl")
 
 
+def torch_scheduler_classes() -> dict:
+    """diffusers' PyTorch scheduler class of each of our sampler names."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
+
+    return {
+        "ddim": DDIMScheduler,
+        "ddpm": DDPMScheduler,
+        "dpm++": DPMSolverMultistepScheduler,
+        "dpm++_karras": DPMSolverMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+        "euler_a": EulerAncestralDiscreteScheduler,
+        "pndm": PNDMScheduler,
+    }
+
+
+def torch_scheduler(name: str, config: dict):
+    """diffusers' PyTorch scheduler for one of our sampler names, built from a config as `from_config` does."""
+    extra = {"use_karras_sigmas": True} if name == "dpm++_karras" else {}
+    return torch_scheduler_classes()[name].from_config(config, **extra)
+
+
 def unet_config(kind: str) -> dict:
     """UNet2DConditionModel kwargs of a tiny SD1-, SD2- or SDXL-style UNet."""
     config = dict(

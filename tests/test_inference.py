@@ -14,34 +14,11 @@ from flax_lora.formats import AdapterFormatError, save_adapter
 from flax_lora.inference import FlaxLoraPipeline, parse_args, run, to_uint8
 from flax_lora.sharding import make_mesh
 from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraConfig, new_adapter
+from tests.pipelines import torch_scheduler
 
 PROMPT = "a photo of a cat"
 STEPS = 8
 ONE_LEVEL = 1 / 255  # one 8-bit intensity step
-
-
-def _pt_scheduler(name: str, config):
-    """diffusers' PyTorch scheduler for a sampler name, built from a config."""
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-    )
-
-    if name == "dpm++_karras":
-        return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
-    classes = {
-        "ddim": DDIMScheduler,
-        "ddpm": DDPMScheduler,
-        "dpm++": DPMSolverMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-        "euler_a": EulerAncestralDiscreteScheduler,
-        "pndm": PNDMScheduler,
-    }
-    return classes[name].from_config(config)
 
 
 def _pt_pipeline(path: str, scheduler: str):
@@ -50,7 +27,7 @@ def _pt_pipeline(path: str, scheduler: str):
 
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = _pt_scheduler(scheduler, pipe.scheduler.config)
+    pipe.scheduler = torch_scheduler(scheduler, pipe.scheduler.config)
     return pipe
 
 

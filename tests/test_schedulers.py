@@ -16,29 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+from diffusers import DDPMScheduler, PNDMScheduler
 from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 
 from flax_lora import schedulers
 from flax_lora.schedulers import SAMPLER_NAMES, alphas_cumprod, make_sampler, sampler_name_for_config
+from tests.pipelines import torch_scheduler, torch_scheduler_classes
 
-TORCH_CLASSES = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "dpm++_karras": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "pndm": PNDMScheduler,
-}
-TORCH_KWARGS = {"dpm++_karras": {"use_karras_sigmas": True}}
+TORCH_CLASSES = torch_scheduler_classes()
 SHAPE = (1, 4, 8, 8)
 
 # scheduler_config.json files as the hub ships them.
@@ -116,7 +101,7 @@ def fake_model_jax(x: jax.Array, t: jax.Array) -> jax.Array:
 
 def torch_reference(name: str, config: dict, steps: int, latents: np.ndarray, noises: np.ndarray, monkeypatch):
     """Run PyTorch diffusers' scheduler as StableDiffusionPipeline does; returns (scheduler, final sample)."""
-    scheduler = TORCH_CLASSES[name].from_config(config, **TORCH_KWARGS.get(name, {}))
+    scheduler = torch_scheduler(name, config)
     scheduler.set_timesteps(steps)
     call = [0]
 
@@ -174,7 +159,7 @@ def assert_close(ours: np.ndarray, reference: np.ndarray, rtol: float = 1e-5) ->
 def check_against_torch(name: str, config: dict, steps: int, monkeypatch, jit: bool = False) -> None:
     sampler = make_sampler(config, steps, name)
     latents, noises = draws(sampler.num_calls)
-    scheduler = TORCH_CLASSES[name].from_config(config, **TORCH_KWARGS.get(name, {}))
+    scheduler = torch_scheduler(name, config)
     scheduler.set_timesteps(steps)
     zero_snr = config.get("rescale_betas_zero_snr", False)
     assert_same_schedule(name, sampler, scheduler, rtol=1e-5 if zero_snr else 1e-6)

@@ -12,6 +12,8 @@ Design:
   current LoRA weights are traced arguments of its sampler, so it compiles once for the whole run.
 - Data position = step (see flax_lora.data), so an orbax checkpoint of TrainState plus the step
   resumes exactly; SIGTERM saves one and exits.
+- `main` reads as its phases: `setup` (pipeline, data, step, checkpointer, loggers into one `Run`), `restore`,
+  `train_loop`, `write_outputs`; step metrics pass through one `MetricsBuffer`.
 """
 
 from __future__ import annotations
@@ -588,22 +590,85 @@ def init_devices(config: TrainConfig) -> None:
         jax.distributed.initialize()
 
 
-def main(config: TrainConfig) -> dict:
-    """Train a LoRA adapter as configured; returns a summary (paths, final step, losses)."""
-    from tqdm.auto import tqdm
+@dataclass
+class Run:
+    """What `setup` builds for one training run; the phases after it (restore, loop, outputs) read it."""
 
+    config: TrainConfig
+    pipe: Any  # flax_lora.loading.SDPipeline
+    loader: Any  # flax_lora.data.BatchLoader
+    lora_configs: dict  # component -> flax_lora.lora.LoraConfig
+    train_step: TrainStep
+    mesh: Mesh
+    rows: list[int]
+    output_dir: str
+    seed: int
+    global_batch: int
+    per_step: int  # samples per optimizer step (global batch x accumulation)
+    steps_per_epoch: int
+    total_steps: int
+    learning_rate: float
+    checkpointer: Checkpointer
+    resume_step: int | None  # None: the latest checkpoint (with --resume_from_checkpoint)
+    writer: Any = None  # TensorBoard writer on process 0
+    validation: tuple | None = None  # (FlaxLoraPipeline, sampler name) when validation images are asked for
+
+    @property
+    def is_main(self) -> bool:
+        """Process 0 writes the outputs."""
+        return jax.process_index() == 0
+
+
+class MetricsBuffer:
+    """Step metrics, read one step late so the device keeps running, then logged once: loss history, progress
+    bar, TensorBoard. A non-finite loss stops the run here, before anything is saved."""
+
+    def __init__(self, run: Run, history: list[tuple[int, float]], bar: Any):
+        self.run = run
+        self.history = history
+        self.bar = bar
+        self.pending: tuple[int, dict] | None = None  # (step, metrics) of the last dispatched step
+        self.t_last = time.perf_counter()
+
+    def push(self, step: int, metrics: dict) -> None:
+        """Hold the metrics of a step just dispatched; log the previous step's (ready by now)."""
+        previous, self.pending = self.pending, (step, metrics)
+        if previous is not None:
+            self._log(*previous)
+
+    def flush(self) -> None:
+        """Log the held metrics (before a checkpoint, a validation or the end)."""
+        if self.pending is not None:
+            self._log(*self.pending)
+            self.pending = None
+
+    def _log(self, step: int, metrics: dict) -> None:
+        m = {k: float(v) for k, v in to_host(metrics).items()}
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {m['loss']} at step {step}; stopping without saving. The last good checkpoint in "
+                f"{self.run.checkpointer.directory} is intact (resume with --resume_from_checkpoint latest); try a "
+                "lower --learning_rate, --max_grad_norm, or bf16 instead of fp16."
+            )
+        now = time.perf_counter()
+        ips = self.run.per_step / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        self.history.append((step, m["loss"]))
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{ips:.1f}", refresh=False)
+        self.bar.update(1)
+        if self.run.writer is not None:
+            for k, v in m.items():
+                self.run.writer.add_scalar(f"train/{k}", v, step)
+            self.run.writer.add_scalar("train/images_per_sec", ips, step)
+
+
+def setup(config: TrainConfig) -> tuple[Run, TrainState]:
+    """Load the pipeline and data, build the mesh, loader, LoRA state, jitted step, checkpointer and loggers."""
     from flax_lora.data import BatchLoader, load_training_data
-    from flax_lora.formats import save_adapter
     from flax_lora.loading import COMPUTE_DTYPES, load_pipeline
-    from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraAdapter, LoraConfig, UNET_TARGETS, new_adapter
+    from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraConfig, UNET_TARGETS, new_adapter
 
-    init_devices(config)
-    if config.uses_builtin_defaults:
-        config = apply_builtin_defaults(config)
     is_main = jax.process_index() == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "matplotlib"):  # orbax logs every file rename at INFO through absl
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     seed = 0 if config.seed is None else config.seed
     output_dir = os.path.abspath(os.path.expanduser(config.output_dir))
     if is_main:
@@ -625,18 +690,18 @@ def main(config: TrainConfig) -> dict:
     data = load_training_data(config)
 
     mesh = make_mesh()
-    n_dev = jax.device_count()
-    global_batch = config.train_batch_size * n_dev
+    global_batch = config.train_batch_size * jax.device_count()
     accum = config.gradient_accumulation_steps
     rows = process_rows(mesh, global_batch)
 
     latent_cache = text_cache = valid = None
+    local_batch = config.train_batch_size * jax.local_device_count()
     if config.cache_latents:
         logger.info("caching VAE latents of %d images", len(data))
-        latent_cache, valid = cache_latents(pipe, data, config, config.train_batch_size * jax.local_device_count(), compute_dtype)
+        latent_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype)
     if config.cache_text_embeddings:
         logger.info("caching text embeddings of %d captions", len(data))
-        text_cache = cache_text(pipe, data, config.train_batch_size * jax.local_device_count(), compute_dtype)
+        text_cache = cache_text(pipe, data, local_batch, compute_dtype)
     loader = BatchLoader(
         data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed,
         center_crop=config.center_crop, random_flip=config.random_flip, skip_bad_images=config.skip_bad_images,
@@ -645,183 +710,203 @@ def main(config: TrainConfig) -> dict:
     per_step = global_batch * accum
     steps_per_epoch = math.ceil(loader.num_examples / per_step)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
     learning_rate = config.learning_rate * (accum * global_batch if config.scale_lr else 1)
 
-    # LoRA params and optimizer.
-    configs = {"unet": LoraConfig(config.rank, config.lora_alpha, UNET_TARGETS)}
+    lora_configs = {"unet": LoraConfig(config.rank, config.lora_alpha, UNET_TARGETS)}
     if config.train_text_encoder:
-        configs["text_encoder"] = LoraConfig(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS)
+        lora_configs["text_encoder"] = LoraConfig(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS)
     adapter = new_adapter(
-        jax.random.PRNGKey(seed + 1), pipe.params, configs["unet"], configs.get("text_encoder"), base_model=pipe.name
+        jax.random.PRNGKey(seed + 1), pipe.params, lora_configs["unet"], lora_configs.get("text_encoder"),
+        base_model=pipe.name,
     )
     lora_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(adapter.params))
     optimizer, lr_fn = make_optimizer(config, total_steps, learning_rate)
     state = create_train_state(lora_params, optimizer, seed, mesh)
     train_step = make_train_step(
-        pipe, configs, optimizer, schedule, mesh, snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
+        pipe, lora_configs, optimizer, schedule, mesh, snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
         compute_dtype=compute_dtype, lr_fn=lr_fn,
     )
 
-    # Checkpoints and resume.
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
-    history: list[tuple[int, float]] = []
+    ckpt_dir, resume_step = os.path.join(output_dir, "checkpoints"), None
     if config.resume_from_checkpoint:
         ckpt_dir, resume_step = resolve_resume(config.resume_from_checkpoint, output_dir)
-    checkpointer = Checkpointer(ckpt_dir, config.checkpoints_total_limit)
-    if not config.resume_from_checkpoint and checkpointer.latest_step() is not None:
-        raise ExistingOutputError(
-            f"{ckpt_dir} already holds checkpoints (latest step {checkpointer.latest_step()}); pass "
-            "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
-        )
-    if config.resume_from_checkpoint:
-        resume_step = resume_step if resume_step is not None else checkpointer.latest_step()
-        if resume_step is None:
-            logger.info("no checkpoint in %s; starting a new run", ckpt_dir)
-        else:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            state, meta = checkpointer.restore(resume_step, abstract)
-            history = [tuple(h) for h in meta.get("loss_history", [])]
-            if meta.get("samples_per_step") != per_step or meta.get("seed") != seed:
-                logger.warning(
-                    "checkpoint was written with %s samples/step and seed %s; this run has %d and %d, so the data "
-                    "order differs from an uninterrupted run", meta.get("samples_per_step"), meta.get("seed"), per_step, seed,
-                )
-            logger.info("resumed from %s at step %d", os.path.join(ckpt_dir, str(resume_step)), resume_step)
-
     writer = None
     if is_main and config.report_to == "tensorboard":
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(os.path.join(output_dir, config.logging_dir))
-
     validation = None
     if config.validation_prompt and config.num_validation_images > 0:
         side = config.resolution // pipe.vae_scale_factor
         shape = (config.num_validation_images, pipe.unet.config.in_channels, side, side)
-        validation = make_validation_pipeline(
-            pipe, train_step, schedule.prediction_type, config.num_inference_steps, shape
+        validation = make_validation_pipeline(pipe, train_step, schedule.prediction_type, config.num_inference_steps, shape)
+    run = Run(
+        config=config, pipe=pipe, loader=loader, lora_configs=lora_configs, train_step=train_step, mesh=mesh,
+        rows=rows, output_dir=output_dir, seed=seed, global_batch=global_batch, per_step=per_step,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, learning_rate=learning_rate,
+        checkpointer=Checkpointer(ckpt_dir, config.checkpoints_total_limit), resume_step=resume_step,
+        writer=writer, validation=validation,
+    )
+    return run, state
+
+
+def restore(run: Run, state: TrainState) -> tuple[TrainState, list[tuple[int, float]]]:
+    """The state and loss history to start from: a checkpoint when resuming; a fresh run refuses old checkpoints."""
+    config, checkpointer = run.config, run.checkpointer
+    latest = checkpointer.latest_step()
+    if not config.resume_from_checkpoint:
+        if latest is not None:
+            raise ExistingOutputError(
+                f"{checkpointer.directory} already holds checkpoints (latest step {latest}); pass "
+                "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
+            )
+        return state, []
+    step = run.resume_step if run.resume_step is not None else latest
+    if step is None:
+        logger.info("no checkpoint in %s; starting a new run", checkpointer.directory)
+        return state, []
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, meta = checkpointer.restore(step, abstract)
+    if meta.get("samples_per_step") != run.per_step or meta.get("seed") != run.seed:
+        logger.warning(
+            "checkpoint was written with %s samples/step and seed %s; this run has %d and %d, so the data order "
+            "differs from an uninterrupted run", meta.get("samples_per_step"), meta.get("seed"), run.per_step, run.seed,
         )
+    logger.info("resumed from %s at step %d", os.path.join(checkpointer.directory, str(step)), step)
+    return state, [tuple(h) for h in meta.get("loss_history", [])]
 
-    def validate(step: int, final: bool = False) -> list[str]:
-        if validation is None:
-            return []
-        from PIL import Image
 
-        from flax_lora.inference import to_uint8
+def save_checkpoint(run: Run, state: TrainState, history: list[tuple[int, float]]) -> str:
+    """Checkpoint the state with the data position and loss history (every process calls it); returns its folder."""
+    step = int(to_host(state.step))
+    meta = {
+        "samples_per_step": run.per_step, "seed": run.seed, "num_examples": run.loader.num_examples, "step": step,
+        "data_position": step * run.per_step, "bad_images": len(run.loader.bad_images), "loss_history": history,
+    }
+    return run.checkpointer.save(state, meta)
 
-        pipeline, scheduler = validation
-        pipeline.unload_loras()  # the adapter is the current weights; same shapes, so no recompilation
-        pipeline.add_lora(LoraAdapter(params=to_host(state.params), configs=configs), name="training")
-        images = to_uint8(pipeline(
-            config.validation_prompt, num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale, scheduler=scheduler, height=config.resolution,
-            width=config.resolution, num_images=config.num_validation_images, seed=seed + 2,
-        ))
-        paths = []
-        if is_main:
-            folder = os.path.join(output_dir, "samples")
-            os.makedirs(folder, exist_ok=True)
-            for i, img in enumerate(images):
-                paths.append(os.path.join(folder, f"{'final' if final else f'step{step:06d}'}_{i}.png"))
-                Image.fromarray(img).save(paths[-1])
-            if writer is not None:
-                writer.add_images("validation" + ("/final" if final else ""), images, step, dataformats="NHWC")
-        return paths
 
+def validate(run: Run, state: TrainState, step: int, final: bool = False) -> list[str]:
+    """Sample validation images with the current LoRA weights; process 0 writes them. Returns their paths."""
+    if run.validation is None:
+        return []
+    from PIL import Image
+
+    from flax_lora.inference import to_uint8
+    from flax_lora.lora import LoraAdapter
+
+    config = run.config
+    pipeline, scheduler = run.validation
+    pipeline.unload_loras()  # the adapter is the current weights; same shapes, so no recompilation
+    pipeline.add_lora(LoraAdapter(params=to_host(state.params), configs=run.lora_configs), name="training")
+    images = to_uint8(pipeline(
+        config.validation_prompt, num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale, scheduler=scheduler, height=config.resolution,
+        width=config.resolution, num_images=config.num_validation_images, seed=run.seed + 2,
+    ))
+    paths = []
+    if run.is_main:
+        folder = os.path.join(run.output_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        for i, img in enumerate(images):
+            paths.append(os.path.join(folder, f"{'final' if final else f'step{step:06d}'}_{i}.png"))
+            Image.fromarray(img).save(paths[-1])
+        if run.writer is not None:
+            run.writer.add_images("validation" + ("/final" if final else ""), images, step, dataformats="NHWC")
+    return paths
+
+
+def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) -> tuple[TrainState, int, bool]:
+    """Run the steps left; checkpoints and validation at their intervals, a checkpoint on SIGTERM.
+
+    Returns (state, step of the last checkpoint written, preempted).
+    """
+    from tqdm.auto import tqdm
+
+    config, loader = run.config, run.loader
     start_step = int(to_host(state.step))
-    meta_base = {"samples_per_step": per_step, "seed": seed, "num_examples": loader.num_examples}
-
-    def save_checkpoint() -> str:
-        meta = dict(meta_base, step=int(to_host(state.step)), data_position=int(to_host(state.step)) * per_step,
-                    bad_images=len(loader.bad_images), loss_history=history)
-        return checkpointer.save(state, meta)
-
     logger.info(
         "training: %d examples, %d devices (%d processes), global batch %d x %d accumulation, %d steps (%d epochs), "
-        "lr %g", loader.num_examples, n_dev, jax.process_count(), global_batch, accum, total_steps, num_epochs, learning_rate,
+        "lr %g", loader.num_examples, jax.device_count(), jax.process_count(), run.global_batch,
+        config.gradient_accumulation_steps, run.total_steps, math.ceil(run.total_steps / run.steps_per_epoch),
+        run.learning_rate,
     )
-    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="steps", dynamic_ncols=True)
-    pending = None  # metrics of the last dispatched step, read one step late to keep the device busy
-    preempted = False
-    last_saved = start_step
-    t_last = time.perf_counter()
-
-    def drain(pending) -> None:
-        nonlocal t_last
-        step, metrics = pending
-        m = {k: float(v) for k, v in to_host(metrics).items()}
-        if not math.isfinite(m["loss"]):
-            raise NonFiniteLossError(
-                f"loss is {m['loss']} at step {step}; stopping without saving. The last good checkpoint in "
-                f"{checkpointer.directory} is intact (resume with --resume_from_checkpoint latest); try a lower "
-                "--learning_rate, --max_grad_norm, or bf16 instead of fp16."
-            )
-        now = time.perf_counter()
-        ips = per_step / max(now - t_last, 1e-9)
-        t_last = now
-        history.append((step, m["loss"]))
-        bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{ips:.1f}", refresh=False)
-        bar.update(1)
-        if writer is not None:
-            for k, v in m.items():
-                writer.add_scalar(f"train/{k}", v, step)
-            writer.add_scalar("train/images_per_sec", ips, step)
-
+    bar = tqdm(total=run.total_steps, initial=start_step, disable=not run.is_main, desc="steps", dynamic_ncols=True)
+    metrics_buffer = MetricsBuffer(run, history, bar)
+    last_saved, preempted = start_step, False
     with _Preemption() as preemption:
         try:
-            for step in range(start_step, total_steps):
-                batch = put_batch(loader.batch(step), mesh, global_batch, rows)
-                state, metrics = train_step(state, batch)
-                if pending is not None:
-                    drain(pending)
-                pending = (step + 1, metrics)
+            for step in range(start_step, run.total_steps):
+                batch = put_batch(loader.batch(step), run.mesh, run.global_batch, run.rows)
+                state, metrics = run.train_step(state, batch)
                 done = step + 1
-                epoch_end = done % steps_per_epoch == 0 or done == total_steps
+                metrics_buffer.push(done, metrics)
                 stop = preemption.check(done)
                 if done % config.checkpointing_steps == 0 or stop:
-                    drain(pending)
-                    pending = None
-                    path = save_checkpoint()
+                    metrics_buffer.flush()
+                    logger.info("saved checkpoint %s", save_checkpoint(run, state, history))
                     last_saved = done
-                    logger.info("saved checkpoint %s", path)
                     if stop:
                         preempted = True
                         logger.warning("preempted (SIGTERM): saved step %d; resume with --resume_from_checkpoint latest", done)
                         break
-                if epoch_end and done != total_steps and (done // steps_per_epoch) % config.validation_epochs == 0:
-                    if pending is not None:
-                        drain(pending)
-                        pending = None
-                    validate(done)
-            if pending is not None:
-                drain(pending)
+                epoch_end = done % run.steps_per_epoch == 0
+                if epoch_end and done != run.total_steps and (done // run.steps_per_epoch) % config.validation_epochs == 0:
+                    metrics_buffer.flush()
+                    validate(run, state, done)
+            metrics_buffer.flush()
         finally:
             bar.close()
             loader.close()
+    return state, last_saved, preempted
 
+
+def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]]) -> dict:
+    """Final validation images, the adapter file, the loss plot and the run's config (process 0 writes)."""
+    from flax_lora.formats import save_adapter
+    from flax_lora.lora import LoraAdapter
+
+    if run.loader.bad_images:
+        logger.warning("%d unreadable images were skipped", len(run.loader.bad_images))
     final_step = int(to_host(state.step))
-    result = {"output_dir": output_dir, "step": final_step, "loss_history": history, "preempted": preempted,
-              "bad_images": len(loader.bad_images)}
-    if not preempted and final_step != last_saved:
-        save_checkpoint()
-    checkpointer.close()
-    if preempted:
-        return result
-    if loader.bad_images:
-        logger.warning("%d unreadable images were skipped", len(loader.bad_images))
-
-    # Final outputs (process 0 writes; every process takes part in sampling).
-    final_adapter = LoraAdapter(params=to_host(state.params), configs=configs, base_model=pipe.name)
-    samples = validate(final_step, final=True)
-    if is_main:
-        adapter_path = os.path.join(output_dir, "pytorch_lora_weights.safetensors")
+    final_adapter = LoraAdapter(params=to_host(state.params), configs=run.lora_configs, base_model=run.pipe.name)
+    samples = validate(run, state, final_step, final=True)  # every process takes part in sampling
+    outputs = {}
+    if run.is_main:
+        adapter_path = os.path.join(run.output_dir, "pytorch_lora_weights.safetensors")
         save_adapter(final_adapter, adapter_path, format="diffusers")
-        save_loss_plot(history, os.path.join(output_dir, "loss.png"))
-        with open(os.path.join(output_dir, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=1)
+        loss_plot = os.path.join(run.output_dir, "loss.png")
+        save_loss_plot(history, loss_plot)
+        with open(os.path.join(run.output_dir, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(run.config), f, indent=1)
         logger.info("wrote %s", adapter_path)
-        result.update(adapter=adapter_path, samples=samples, loss_plot=os.path.join(output_dir, "loss.png"))
-    if writer is not None:
-        writer.close()
-    return result
+        outputs = {"adapter": adapter_path, "samples": samples, "loss_plot": loss_plot}
+    return outputs
+
+
+def main(config: TrainConfig) -> dict:
+    """Train a LoRA adapter as configured; returns a summary (paths, final step, losses)."""
+    init_devices(config)
+    if config.uses_builtin_defaults:
+        config = apply_builtin_defaults(config)
+    is_main = jax.process_index() == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "matplotlib"):  # orbax logs every file rename at INFO through absl
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    run, state = setup(config)
+    try:
+        state, history = restore(run, state)
+        state, last_saved, preempted = train_loop(run, state, history)
+        final_step = int(to_host(state.step))
+        if not preempted and final_step != last_saved:
+            save_checkpoint(run, state, history)
+        run.checkpointer.close()
+        result = {"output_dir": run.output_dir, "step": final_step, "loss_history": history, "preempted": preempted,
+                  "bad_images": len(run.loader.bad_images)}
+        if not preempted:
+            result.update(write_outputs(run, state, history))
+        return result
+    finally:
+        if run.writer is not None:
+            run.writer.close()

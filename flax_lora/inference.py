@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
+from flax_lora.errors import MissingFileError, UserError
 from flax_lora.cli import flag as _f
 from flax_lora.schedulers import SAMPLER_NAMES as SCHEDULER_NAMES
 from flax_lora.sharding import make_mesh
@@ -35,6 +36,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ pipeline
+
+
+def checked_sampler(scheduler_config: dict, steps: int, name: str | None) -> "Sampler":
+    """`schedulers.make_sampler`, its refusals (an option it does not implement, a bad step count) as UserErrors."""
+    from flax_lora.schedulers import make_sampler
+
+    try:
+        return make_sampler(scheduler_config, steps, name)
+    except ValueError as e:  # schedulers.py imports nothing of ours; its messages name the option and the file
+        raise UserError(str(e)) from e
 
 
 @dataclass
@@ -107,7 +118,7 @@ class FlaxLoraPipeline:
         for lora in self.loras:
             if lora.name == name:
                 if lora.fused:
-                    raise ValueError(f"adapter {name} is fused into the weights; load it unfused to change its scale")
+                    raise UserError(f"adapter {name} is fused into the weights; load it unfused to change its scale")
                 lora.scale = float(scale)
                 return
         raise KeyError(f"no adapter named {name!r}; loaded: {[lora.name for lora in self.loras]}")
@@ -147,7 +158,7 @@ class FlaxLoraPipeline:
             return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
-            raise ValueError(
+            raise UserError(
                 f"init latents have shape {latents.shape}, expected {shape} for {batch} image(s) of "
                 f"{height}x{width} px (latents are NCHW at 1/{f} of the image size)"
             )
@@ -176,22 +187,20 @@ class FlaxLoraPipeline:
         else:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if num_images is None:
             num_images = 1 if latents is None else max(1, len(latents) // len(prompts))
         if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+            raise UserError(f"num_images must be >= 1, got {num_images}")
         f = self.pipe.vae_scale_factor
         if latents is not None and height is None and width is None:
             height, width = np.shape(latents)[-2] * f, np.shape(latents)[-1] * f
         default_h, default_w = self.default_size()
         height, width = height or default_h, width or default_w
         if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
-        from flax_lora.schedulers import make_sampler
-
+            raise UserError(f"height and width must be positive multiples of {f}, got {height}x{width}")
         # Built here, outside jit, so a bad scheduler option is refused before anything compiles.
-        sampler = make_sampler(self.pipe.scheduler_config, int(num_inference_steps), scheduler)
+        sampler = checked_sampler(self.pipe.scheduler_config, int(num_inference_steps), scheduler)
 
         # diffusers' order: every prompt's images together (prompt 0 x K, prompt 1 x K, ...).
         cond = np.repeat(self.pipe.tokenizer(prompts), num_images, axis=0)
@@ -349,11 +358,22 @@ def resolve_base_model(config: InferConfig) -> str:
         return config.pretrained_model_name_or_path
     base = read_adapter_base_model(config.lora[0])
     if not base:
-        raise ValueError(
+        raise UserError(
             f"{config.lora[0]} records no base model in its metadata; pass --pretrained_model_name_or_path"
         )
     logger.warning("no --pretrained_model_name_or_path: using %s, the base model recorded in %s", base, config.lora[0])
     return base
+
+
+def read_init_latents(path: str) -> np.ndarray:
+    """The --init_latents array (a batch axis added to a single latent), or a UserError naming the file."""
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except FileNotFoundError as e:
+        raise MissingFileError(f"--init_latents {path} does not exist") from e
+    except (OSError, ValueError) as e:  # not a .npy, or an object array
+        raise UserError(f"--init_latents {path} is not a .npy array of latents ({e})") from e
+    return latents[None] if latents.ndim == 3 else latents
 
 
 def run(config: InferConfig) -> list[str]:
@@ -371,11 +391,7 @@ def run(config: InferConfig) -> list[str]:
     )
     for path, scale in zip(config.lora, config.scales):
         pipeline.load_lora(path, scale=scale, fuse=config.fuse_lora)
-    latents = None
-    if config.init_latents:
-        latents = np.load(config.init_latents)
-        if latents.ndim == 3:
-            latents = latents[None]
+    latents = None if config.init_latents is None else read_init_latents(config.init_latents)
     images = pipeline(
         config.prompt,
         negative_prompt=config.negative_prompt,

@@ -68,7 +68,11 @@ def noise_schedule(scheduler_config: dict, prediction_type: str | None = None) -
     target = prediction_type or scheduler_config.get("prediction_type", "epsilon")
     if target not in ("epsilon", "v_prediction"):
         raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', got {target!r}")
-    return NoiseSchedule(np.asarray(alphas_cumprod(scheduler_config), np.float32), target)
+    try:
+        cumulative = alphas_cumprod(scheduler_config)
+    except ValueError as e:  # e.g. a beta_schedule the samplers do not implement; the message names it
+        raise UserError(f"cannot train with this model's noise schedule: {e}") from e
+    return NoiseSchedule(np.asarray(cumulative, np.float32), target)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:

@@ -282,3 +282,21 @@ def test_cli_reports_a_missing_adapter_as_a_message(tiny_sd1_path, tmp_path):
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(SystemExit, match=r"error: LoRA adapter .*missing\.safetensors does not exist"):
         infer_flax.main(["--pretrained_model_name_or_path", tiny_sd1_path, "--lora", str(missing), "--prompt", "x"])
+
+
+def test_bad_init_latents_and_scheduler_options_are_user_errors(tmp_path):
+    """What the CLI prints as one `error: ...` line: a missing or non-array --init_latents, an unsupported option."""
+    from flax_lora.errors import MissingFileError, UserError
+    from flax_lora.inference import checked_sampler, read_init_latents
+
+    with pytest.raises(MissingFileError, match="none.npy does not exist"):
+        read_init_latents(str(tmp_path / "none.npy"))
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="objects.npy is not a .npy array of latents"):
+        read_init_latents(str(objects))
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros((4, 8, 8), np.float32))
+    assert read_init_latents(str(single)).shape == (1, 4, 8, 8)
+    with pytest.raises(UserError, match="thresholding=True"):
+        checked_sampler({"_class_name": "DDIMScheduler", "thresholding": True}, 4, "ddim")

@@ -63,6 +63,13 @@ def test_noising_matches_diffusers_ddpm(beta_schedule, prediction_type):
     np.testing.assert_allclose(target, expected.numpy(), atol=1e-5)
 
 
+def test_unknown_beta_schedule_is_a_user_error():
+    from flax_lora.errors import UserError
+
+    with pytest.raises(UserError, match="beta_schedule='laplace'"):
+        T.noise_schedule({"beta_schedule": "laplace"})
+
+
 def test_min_snr_weighting():
     sched = T.noise_schedule({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     t = jnp.array([5, 500])

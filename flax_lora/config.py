@@ -148,6 +148,12 @@ class TrainConfig:
     rank: int = _f(4, "LoRA rank.")
     lora_alpha: float | None = _f(None, "LoRA alpha (scale = alpha / rank); unset means alpha = rank.")
     train_text_encoder: bool = _f(False, "Also train LoRA layers on the text encoder.")
+    export_formats: str = _f(
+        "diffusers",
+        "Adapter files written at the end, comma-separated: 'diffusers' (pytorch_lora_weights.safetensors, for "
+        "diffusers' load_lora_weights and PEFT) and 'kohya' (lora_kohya.safetensors, for A1111, ComfyUI and "
+        "kohya's tools), e.g. 'diffusers,kohya'.",
+    )
 
     # Output, checkpoints, logging
     output_dir: str = _f("sd-model-finetuned-lora", "Where the adapter, checkpoints, samples and logs are written.")
@@ -200,6 +206,11 @@ class TrainConfig:
         if self.checkpointing_steps < 1:
             raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         check_choices(self)
+        from flax_lora.formats import FORMATS  # here, not at import: --help stays free of numpy and flax
+
+        unknown = [f for f in self.export_format_list if f not in FORMATS]
+        if unknown or not self.export_format_list:
+            raise ValueError(f"--export_formats {self.export_formats!r}: expected a comma-separated subset of {FORMATS}")
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("--cache_text_embeddings cannot be combined with --train_text_encoder")
         if self.dataset_name is None and self.train_data_dir is None and self.pretrained_model_name_or_path:
@@ -207,6 +218,11 @@ class TrainConfig:
         multi = (self.coordinator_address, self.num_processes, self.process_id)
         if any(v is not None for v in multi) and not all(v is not None for v in multi):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+
+    @property
+    def export_format_list(self) -> list[str]:
+        """--export_formats as a list, in the order given, without repeats."""
+        return list(dict.fromkeys(f.strip() for f in self.export_formats.split(",") if f.strip()))
 
     @property
     def uses_builtin_defaults(self) -> bool:

@@ -1,14 +1,26 @@
 """Adapter files PyTorch tools load: diffusers (`pytorch_lora_weights.safetensors`), PEFT and kohya/A1111.
 
-Export and import are pure key-and-layout mappings. Lookup tables are built from the base model's own
-modules (Flax path -> PyTorch path -> kohya name), so no name is ever parsed back by guessing where
-underscores were dots, and a key that matches no module of the base model is an error, never dropped.
+Design:
+- Export and import are pure key-and-layout mappings. Lookup tables are built from the base model's own
+  modules (Flax path -> PyTorch path -> kohya name), so no name is ever parsed back by guessing where
+  underscores were dots, and a key that matches no module of the base model is an error, never dropped.
+- Every scaling rule a file carries is applied exactly as its writer's loader applies it: kohya's per-module
+  `.alpha`; PEFT's `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` (from diffusers'
+  `lora_adapter_metadata` header or PEFT's `adapter_config.json`); alpha = rank when a file says nothing, as
+  newest diffusers does. Anything else that changes how weights apply (DoRA, LoHa, a LoRA bias, an unknown
+  PEFT setting, ...) is refused with the file and the field or key, never applied approximately.
+- Our diffusers export folds alpha/rank into `up` and writes `lora_alpha = r`: diffusers releases before the
+  header existed (<= 0.33) apply scale 1, newer ones read the header, so every version applies our scale.
+  The trained rank and alpha stay in the header (`flax_lora_alpha`) and come back on import.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,12 +30,19 @@ from flax.traverse_util import unflatten_dict
 
 from flax_lora.errors import MissingFileError, UserError
 from flax_lora.models.convert import UnreadableWeightsError, read_safetensors
+from flax_lora.models.torch_pickle import load_torch_file
 from flax_lora.lora import LoraAdapter, LoraConfig, ModulePath, Params, linear_modules, lora_modules, pt_module_path
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"  # what PEFT's save_pretrained writes, beside its config
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # keys of a PeftModel's save_pretrained
 METADATA_KEY = "lora_adapter_metadata"  # diffusers reads alpha from here (a JSON PEFT LoraConfig)
+TRAINED_ALPHA_KEY = "flax_lora_alpha"  # our export's trained rank and alpha per component (the weights carry the scale)
 BASE_MODEL_KEY = "base_model"
 DIFFUSERS_PREFIX = {"unet": "unet", "text_encoder": "text_encoder"}
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
@@ -75,16 +94,16 @@ def _module_ranks(tree: Params) -> dict[str, int]:
 
 
 def _peft_config(config: LoraConfig, tree: Params) -> dict[str, Any]:
-    """The PEFT LoraConfig fields diffusers rebuilds the adapter from (rank and alpha kept per module)."""
+    """The PEFT LoraConfig fields diffusers rebuilds the adapter from: scale 1 everywhere (`up` carries alpha/rank)."""
     ranks = _module_ranks(tree)
-    # Modules whose rank differs from the config keep scale alpha/rank through PEFT's per-module patterns.
+    # Modules whose rank differs from the config keep scale 1 through PEFT's per-module patterns.
     rank_pattern = {path: r for path, r in ranks.items() if r != config.rank}
     return {
         "r": config.rank,
-        "lora_alpha": config.lora_alpha,
+        "lora_alpha": config.rank,
         "target_modules": sorted(ranks),
         "rank_pattern": rank_pattern,
-        "alpha_pattern": {path: config.scale * r for path, r in rank_pattern.items()},
+        "alpha_pattern": dict(rank_pattern),
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
         "use_dora": False,
         "lora_bias": False,
@@ -98,6 +117,7 @@ def adapter_state_dict(adapter: LoraAdapter, format: str = "diffusers") -> tuple
     tensors: dict[str, np.ndarray] = {}
     metadata: dict[str, str] = {}
     peft_metadata: dict[str, Any] = {}
+    trained: dict[str, dict[str, float]] = {}
     for component, tree in adapter.params.items():
         config = adapter.configs[component]
         modules = lora_modules(tree)
@@ -108,7 +128,7 @@ def adapter_state_dict(adapter: LoraAdapter, format: str = "diffusers") -> tuple
             if format == "diffusers":
                 key = f"{DIFFUSERS_PREFIX[component]}.{pt_path}"
                 tensors[key + down_suffix] = _pt_layout(down, is_conv)
-                tensors[key + up_suffix] = _pt_layout(up, is_conv)
+                tensors[key + up_suffix] = _pt_layout(up, is_conv) * np.float32(config.scale)
             else:
                 key = f"{KOHYA_PREFIX[component]}_{pt_path.replace('.', '_')}"
                 tensors[f"{key}.lora_down.weight"] = _pt_layout(down, is_conv)
@@ -116,8 +136,10 @@ def adapter_state_dict(adapter: LoraAdapter, format: str = "diffusers") -> tuple
                 # kohya's per-module alpha: scale = alpha / rank of that module.
                 tensors[f"{key}.alpha"] = np.asarray(config.scale * down.shape[-1], dtype=np.float32)
         peft_metadata.update({f"{component}.{k}": v for k, v in _peft_config(config, tree).items()})
+        trained[component] = {"r": config.rank, "lora_alpha": config.lora_alpha}
     if format == "diffusers":
         metadata[METADATA_KEY] = json.dumps(peft_metadata, sort_keys=True)
+        metadata[TRAINED_ALPHA_KEY] = json.dumps(trained, sort_keys=True)
     else:
         unet_config = adapter.configs.get("unet") or next(iter(adapter.configs.values()))
         metadata.update(
@@ -161,15 +183,43 @@ def save_adapter(
 
 # ----------------------------------------------------------------------------------------------- import
 
+# Keys of adapter kinds this project does not apply, by what they are (checked before any other key rule).
+_UNSUPPORTED_KEYS = (
+    (re.compile(r"lora_magnitude_vector|\.dora_scale$"), "DoRA (a magnitude vector per module)"),
+    (re.compile(r"\.hada_"), "LoHa (LyCORIS/PEFT Hadamard-product factors)"),
+    (re.compile(r"\.lokr_"), "LoKr (LyCORIS/PEFT Kronecker-product factors)"),
+    (re.compile(r"(^|\.)b?oft_"), "OFT/BOFT (orthogonal fine-tuning blocks)"),
+    (re.compile(r"\.lora_mid\.weight$"), "LoCon with a Tucker core (lora_mid)"),
+    (re.compile(r"\.diff(_b)?$"), "a full weight difference (diff/diff_b)"),
+    (re.compile(r"\.(w|b)_norm$"), "a norm-layer difference (w_norm/b_norm)"),
+    (re.compile(r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)\.bias$"), "a LoRA bias (PEFT lora_bias)"),
+)
+# PEFT LoraConfig fields that never change how saved weights apply: provenance, targeting, training-only settings.
+_PEFT_INERT_FIELDS = frozenset(
+    {
+        "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+        "inference_mode", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+        "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "init_lora_weights",
+        "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        "qalora_group_size", "runtime_config", "ensure_weight_tying", "bias",
+    }
+)
+# Initialisations that leave the base weights untouched (PiSSA, OLoRA, CorDA, LoftQ, ... rewrite them).
+_PEFT_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_PEFT_DEFAULT_RANK = 8  # PEFT's LoraConfig defaults, which diffusers and PEFT use for a missing field
+_PEFT_DEFAULT_ALPHA = 8
+
 
 def resolve_adapter_file(path: str | os.PathLike) -> Path:
-    """An adapter file, or the one adapter file in a folder (diffusers' name first)."""
+    """An adapter file, or the one adapter file in a folder (diffusers' name first, then PEFT's)."""
     target = Path(path)
     if target.is_dir():
+        for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME):
+            if (target / name).exists():
+                return target / name
         files = sorted(target.glob("*.safetensors"))
-        preferred = target / DIFFUSERS_WEIGHT_NAME
-        if preferred.exists():
-            return preferred
+        if not files:  # older diffusers and PEFT wrote PyTorch pickles
+            files = [target / n for n in ("pytorch_lora_weights.bin", "adapter_model.bin") if (target / n).exists()]
         if len(files) != 1:
             raise MissingFileError(
                 f"{target} holds {len(files)} .safetensors files ({[f.name for f in files]}); name the adapter file"
@@ -181,8 +231,10 @@ def resolve_adapter_file(path: str | os.PathLike) -> Path:
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors and header metadata of a safetensors adapter, with a clear error for a broken file."""
+    """Tensors and header metadata of a safetensors (or pickle-free PyTorch .bin) adapter, with a clear error."""
     file = resolve_adapter_file(path)
+    if file.suffix == ".bin":
+        return load_torch_file(file), {}
     try:
         return read_safetensors(file)
     except UnreadableWeightsError as e:
@@ -202,27 +254,47 @@ def _module_tables(base_params: dict[str, Params]) -> dict[str, tuple[str, Modul
         if component not in DIFFUSERS_PREFIX:
             continue
         for path, shape in linear_modules(params).items():
-            pt_path = pt_module_path(path)
             entry = (component, path, shape)
-            table[f"{DIFFUSERS_PREFIX[component]}.{pt_path}"] = entry
-            if pt_path.startswith("text_model."):  # diffusers under transformers 5 writes CLIP paths without it
-                table[f"{DIFFUSERS_PREFIX[component]}.{pt_path.removeprefix('text_model.')}"] = entry
-            table[f"{KOHYA_PREFIX[component]}_{pt_path.replace('.', '_')}"] = entry
-            if component == "unet":  # raw PEFT state dicts of a UNet carry no prefix
+            # Bare names are what PEFT writes for one model; a CLIP module has one with and one without
+            # `text_model.` (transformers 4.x and 5.x layouts).
+            for pt_path in _pattern_names(path):
+                table[f"{DIFFUSERS_PREFIX[component]}.{pt_path}"] = entry
                 table[pt_path] = entry
+            table[f"{KOHYA_PREFIX[component]}_{pt_module_path(path).replace('.', '_')}"] = entry
     return table
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    """(module name, role) of a file key; role is 'down', 'up' or 'alpha'."""
+def _pattern_names(path: ModulePath) -> tuple[str, ...]:
+    """The PyTorch names of a module under every layout PEFT may have matched it in."""
+    pt_path = pt_module_path(path)
+    return (pt_path, pt_path.removeprefix("text_model.")) if pt_path.startswith("text_model.") else (pt_path,)
+
+
+def _split_key(key: str, file: Path) -> tuple[str, str, str]:
+    """(module name, role, naming style) of a file key; role is 'down', 'up' or 'alpha'."""
+    for pattern, what in _UNSUPPORTED_KEYS:
+        if pattern.search(key):
+            raise AdapterFormatError(f"{file}: key {key!r} is {what}, which flax-lora does not apply (plain LoRA only)")
     for down_suffix, up_suffix in _DOWN_UP_SUFFIXES:
+        style = "peft" if down_suffix == ".lora_A.weight" else "diffusers"
         if key.endswith(down_suffix):
-            return key[: -len(down_suffix)], "down"
+            return key[: -len(down_suffix)], "down", style
         if key.endswith(up_suffix):
-            return key[: -len(up_suffix)], "up"
+            return key[: -len(up_suffix)], "up", style
     if key.endswith(".alpha"):
-        return key[: -len(".alpha")], "alpha"
-    raise AdapterFormatError(f"key {key!r} is not a LoRA weight (expected .lora.down/.lora_A/.lora_down/.alpha)")
+        return key[: -len(".alpha")], "alpha", "alpha"
+    raise AdapterFormatError(
+        f"{file}: key {key!r} is not a LoRA weight (expected .lora.down/.lora_A/.lora_down/.alpha)"
+    )
+
+
+def _unknown_module_error(file: Path, key: str, name: str) -> AdapterFormatError:
+    """The error for a key whose module the base model lacks, with the likeliest reason."""
+    if name.startswith(("text_encoder_2.", "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_")):
+        why = "its name is an SDXL one (second text encoder or SGM block names); the base model is not SDXL"
+    else:
+        why = "is this LoRA for another model (SD 1.x, 2.x and SDXL differ in blocks, widths and text encoders)?"
+    return AdapterFormatError(f"{file}: key {key!r} names module {name!r}, which the base model does not have; {why}")
 
 
 def _flax_layout(array: np.ndarray, kernel_shape: tuple[int, ...], role: str, key: str, file: Path) -> np.ndarray:
@@ -231,7 +303,8 @@ def _flax_layout(array: np.ndarray, kernel_shape: tuple[int, ...], role: str, ke
     if array.ndim == 4:
         if array.shape[2:] != (1, 1):
             raise AdapterFormatError(
-                f"{file}: {key} is a {array.shape[2]}x{array.shape[3]} conv LoRA; only Dense and 1x1 Conv are supported"
+                f"{file}: {key} is a {array.shape[2]}x{array.shape[3]} conv LoRA (kohya LoCon); flax-lora applies "
+                f"LoRA to Dense and 1x1 conv layers only"
             )
         array = array[:, :, 0, 0]
     if array.ndim != 2:
@@ -249,13 +322,88 @@ def _flax_layout(array: np.ndarray, kernel_shape: tuple[int, ...], role: str, ke
     return array
 
 
-def _component_alpha(metadata: dict[str, str], component: str) -> float | None:
-    """A component's alpha from diffusers' PEFT metadata header, if the file has one."""
-    if METADATA_KEY not in metadata:
-        return None
-    peft = json.loads(metadata[METADATA_KEY])
-    alpha = peft.get(f"{component}.lora_alpha")
-    return None if alpha is None else float(alpha)
+def _json_table(text: str, where: str) -> dict[str, Any]:
+    """A JSON object from a header field or config file, or an error naming it."""
+    try:
+        table = json.loads(text)
+    except ValueError as e:
+        raise AdapterFormatError(f"{where} is not valid JSON ({e})") from e
+    if not isinstance(table, dict):
+        raise AdapterFormatError(f"{where} is a JSON {type(table).__name__}, expected an object of PEFT fields")
+    return table
+
+
+def _peft_configs(file: Path, metadata: dict[str, str]) -> dict[str | None, tuple[dict[str, Any], str]]:
+    """The PEFT LoraConfigs a file comes with, by component (None: one config for whichever model the keys fit)."""
+    configs: dict[str | None, tuple[dict[str, Any], str]] = {}
+    if METADATA_KEY in metadata:
+        where = f"{file} (header {METADATA_KEY})"
+        for key, value in _json_table(metadata[METADATA_KEY], where).items():
+            # diffusers' pipelines prefix each field with the component; a model's save_lora_adapter does not.
+            component, _, field_name = key.rpartition(".")
+            configs.setdefault(component or None, ({}, f"{where}, {component or 'model'}"))[0][field_name] = value
+    config_file = file.parent / PEFT_CONFIG_NAME
+    if file.name.startswith("adapter_model.") and config_file.exists() and None not in configs:
+        configs[None] = (_json_table(config_file.read_text(), str(config_file)), str(config_file))
+    for config, where in configs.values():
+        _check_peft_config(config, where)
+    return configs
+
+
+def _check_peft_config(config: dict[str, Any], where: str) -> None:
+    """Refuse, by field, a PEFT config whose weights would apply differently than plain (rs)LoRA."""
+    peft_type = config.get("peft_type")
+    if peft_type not in (None, "LORA"):
+        raise AdapterFormatError(f"{where}: peft_type is {peft_type}; flax-lora applies plain LoRA adapters only")
+    if config.get("use_dora"):
+        raise AdapterFormatError(
+            f"{where}: use_dora is true (a DoRA adapter); flax-lora does not apply DoRA yet, and never approximately"
+        )
+    init = config.get("init_lora_weights", True)
+    if init not in _PEFT_PLAIN_INITS:
+        raise AdapterFormatError(
+            f"{where}: init_lora_weights={init!r} changes the base weights, so the adapter only fits that changed "
+            f"base; convert it to plain LoRA with PEFT (save_pretrained's path_initial_model_for_weight_conversion)"
+        )
+    if config.get("bias", "none") not in ("none", None):
+        raise AdapterFormatError(f"{where}: bias={config['bias']!r} trains the base biases too; flax-lora reads LoRA weights only")
+    for field_name, value in config.items():
+        if field_name not in _PEFT_INERT_FIELDS and value not in (None, False, 0, "", [], {}):
+            raise AdapterFormatError(
+                f"{where}: {field_name}={value!r} is a PEFT setting flax-lora does not implement (it changes how "
+                f"the adapter applies)"
+            )
+
+
+def _pattern_value(patterns: dict[str, Any], names: tuple[str, ...], default: Any, where: str) -> Any:
+    """PEFT's rank/alpha pattern lookup: the first pattern that matches a module name at a `.` boundary."""
+    for pattern, value in patterns.items():
+        try:
+            if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
+                return value
+        except re.error as e:
+            raise AdapterFormatError(f"{where}: pattern {pattern!r} is not a regular expression ({e})") from e
+    return default
+
+
+def _peft_scale(config: dict[str, Any], names: tuple[str, ...], rank: int, module: str, where: str) -> float:
+    """A module's scale as PEFT's LoraLayer.update_layer computes it: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    r = _pattern_value(config.get("rank_pattern") or {}, names, config.get("r", _PEFT_DEFAULT_RANK), where)
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, names, config.get("lora_alpha", _PEFT_DEFAULT_ALPHA), where)
+    if r != rank:
+        raise AdapterFormatError(f"{where} gives module {module!r} rank {r}, but its weights have rank {rank}")
+    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _trained_scales(metadata: dict[str, str], file: Path) -> dict[str, float]:
+    """alpha / rank per component as our export records it (its weights carry that scale)."""
+    if TRAINED_ALPHA_KEY not in metadata:
+        return {}
+    where = f"{file} (header {TRAINED_ALPHA_KEY})"
+    try:
+        return {c: float(v["lora_alpha"]) / float(v["r"]) for c, v in _json_table(metadata[TRAINED_ALPHA_KEY], where).items()}
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise AdapterFormatError(f"{where} is malformed ({type(e).__name__}: {e}); expected r and lora_alpha per component") from e
 
 
 def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> LoraAdapter:
@@ -263,17 +411,26 @@ def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> Lor
     file = resolve_adapter_file(path)
     tensors, metadata = read_adapter_file(file)
     table = _module_tables(base_params)
+    peft_configs = _peft_configs(file, metadata)
     found: dict[str, dict[str, np.ndarray]] = {}
+    unet_styles = set()
     for key, value in tensors.items():
-        name, role = _split_key(key)
+        name, role, style = _split_key(key, file)
+        name = name.removeprefix(PEFT_PREFIX)
         if name not in table:
-            raise AdapterFormatError(
-                f"{file}: key {key!r} names module {name!r}, which the base model does not have; "
-                f"is this LoRA for another model (e.g. SDXL vs SD 1.x/2.x)?"
-            )
+            raise _unknown_module_error(file, key, name)
         found.setdefault(name, {})[role] = value
+        if table[name][0] == "unet":
+            unet_styles.add(style)
     if not found:
         raise AdapterFormatError(f"{file} holds no LoRA weights")
+    if {"peft", "diffusers"} <= unet_styles:
+        # diffusers converts a UNet's keys by the style of the first one, so the other style's modules can be lost.
+        logger.warning(
+            "%s: its UNet keys mix PEFT (lora_A/lora_B) and diffusers (lora.down/lora.up) names; flax-lora applies "
+            "all of them, but PyTorch diffusers' load_lora_weights may apply only the modules named like the first key",
+            file,
+        )
 
     modules: dict[str, dict[ModulePath, tuple[np.ndarray, np.ndarray, float]]] = {}
     for name, parts in found.items():
@@ -285,25 +442,36 @@ def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> Lor
         rank = down.shape[-1]
         if up.shape[-2] != rank:
             raise AdapterFormatError(f"{file}: module {name!r} has down rank {rank} but up rank {up.shape[-2]}")
-        alpha = float(np.asarray(parts["alpha"]).reshape(-1)[0]) if "alpha" in parts else _component_alpha(metadata, component)
-        modules.setdefault(component, {})[flax_path] = (down, up, rank if alpha is None else alpha)
+        peft = peft_configs.get(component) or peft_configs.get(None)
+        if "alpha" in parts:  # kohya (and old diffusers) per-module alpha
+            if peft is not None:
+                raise AdapterFormatError(f"{file}: module {name!r} has an .alpha key and {peft[1]} a PEFT config; expected one")
+            scale = float(np.asarray(parts["alpha"]).reshape(-1)[0]) / rank
+        elif peft is not None:
+            scale = _peft_scale(peft[0], _pattern_names(flax_path), rank, name, peft[1])
+        elif peft_configs:
+            raise AdapterFormatError(f"{file}: the header has PEFT configs for {sorted(map(str, peft_configs))} but none for {component}")
+        else:  # no alpha anywhere: scale 1 per module, as newest diffusers and PEFT assume
+            scale = 1.0
+        modules.setdefault(component, {})[flax_path] = (down, up, scale)
 
+    trained = _trained_scales(metadata, file)
     params, configs = {}, {}
     for component, entries in modules.items():
         rank = Counter(down.shape[-1] for down, _, _ in entries.values()).most_common(1)[0][0]
-        scale = Counter(alpha / down.shape[-1] for down, _, alpha in entries.values()).most_common(1)[0][0]
+        scale = trained.get(component) or Counter(s for _, _, s in entries.values()).most_common(1)[0][0]
         config = LoraConfig(
             rank=int(rank),
             alpha=scale * rank,
             target_modules=tuple(sorted(pt_module_path(p) for p in entries)),
         )
         flat = {}
-        for flax_path, (down, up, alpha) in entries.items():
-            # A module whose alpha/rank differs from the adapter's scale keeps its own through `up`.
+        for flax_path, (down, up, module_scale) in entries.items():
+            # A module whose scale differs from the adapter's keeps its own through `up` (our export's folded
+            # scale comes back out the same way).
             flat[flax_path + ("down",)] = down
-            flat[flax_path + ("up",)] = up * ((alpha / down.shape[-1]) / config.scale)
+            flat[flax_path + ("up",)] = up * (module_scale / config.scale) if module_scale != config.scale else up
         params[component] = unflatten_dict(flat)
         configs[component] = config
     base_model = metadata.get(BASE_MODEL_KEY) or metadata.get("ss_sd_model_name") or None
     return LoraAdapter(params=params, configs=configs, base_model=base_model, metadata=metadata)
-

@@ -877,14 +877,13 @@ def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]])
     samples = validate(run, state, final_step, final=True)  # every process takes part in sampling
     outputs = {}
     if run.is_main:
-        adapter_path = os.path.join(run.output_dir, "pytorch_lora_weights.safetensors")
-        save_adapter(final_adapter, adapter_path, format="diffusers")
+        adapter_paths = [save_adapter(final_adapter, run.output_dir, format=f) for f in run.config.export_format_list]
         loss_plot = os.path.join(run.output_dir, "loss.png")
         save_loss_plot(history, loss_plot)
         with open(os.path.join(run.output_dir, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(run.config), f, indent=1)
-        logger.info("wrote %s", adapter_path)
-        outputs = {"adapter": adapter_path, "samples": samples, "loss_plot": loss_plot}
+        logger.info("wrote %s", ", ".join(adapter_paths))
+        outputs = {"adapter": adapter_paths[0], "adapters": adapter_paths, "samples": samples, "loss_plot": loss_plot}
     return outputs
 
 

@@ -65,6 +65,14 @@ def test_resolution_must_divide_by_8():
     assert parse_args(["--resolution", "64", "--random_flip"]).random_flip
 
 
+def test_export_formats_flag():
+    assert parse_args(["--export_formats", "kohya, diffusers,kohya"]).export_format_list == ["kohya", "diffusers"]
+    assert TrainConfig().export_format_list == ["diffusers"]
+    for bad in ("comfy", ","):
+        with pytest.raises(ValueError, match=r"--export_formats .*expected a comma-separated subset of \('diffusers', 'kohya'\)"):
+            TrainConfig(export_formats=bad)
+
+
 def _corrupt_folder(tmp_path, shapes_dir):
     rows = [json.loads(line) for line in open(f"{shapes_dir}/metadata.jsonl")][:4]
     for r in rows:

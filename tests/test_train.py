@@ -201,15 +201,18 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from flax_lora.formats import load_adapter
+    from tests.test_formats import _flax_deltas
 
     config = _config(
         tiny_sd1_path, two_images, tmp_path / "run", max_train_steps=40, checkpointing_steps=1000,
         validation_prompt="a red circle", validation_epochs=20, num_validation_images=2, num_inference_steps=4,
+        export_formats="diffusers,kohya",
     )
     result = T.main(config)
     out = tmp_path / "run"
     adapter_file = out / "pytorch_lora_weights.safetensors"
     assert result["step"] == 40 and adapter_file.is_file() and (out / "loss.png").is_file()
+    assert result["adapters"] == [str(adapter_file), str(out / "lora_kohya.safetensors")]
     # Validation ran mid-run and at the end, through the inference pipeline, and drew real images.
     samples = sorted(p.name for p in (out / "samples").iterdir())
     assert {"final_0.png", "final_1.png", "step000020_0.png"} <= set(samples), samples
@@ -220,6 +223,9 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
 
     batch = _eval_batch(pipe, two_images)
     adapter = load_adapter(str(adapter_file), pipe.params)
+    kohya = _flax_deltas(load_adapter(str(out / "lora_kohya.safetensors"), pipe.params))
+    for name, delta in _flax_deltas(adapter).items():  # both files carry the same trained weights
+        np.testing.assert_allclose(kohya[name], delta, rtol=1e-5, atol=1e-8, err_msg=name)
     base_loss = _jax_eval_loss(pipe, None, 1.0, *batch)
     lora_loss = _jax_eval_loss(pipe, *adapter.scope_layers("unet"), *batch)
     assert lora_loss < 0.95 * base_loss, (base_loss, lora_loss)

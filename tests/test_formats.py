@@ -134,14 +134,14 @@ def _lora_warnings():
     records[:] = [r for r in records if re.search(r"lora|adapter|target|unexpected|missing", r, re.IGNORECASE)]
 
 
-def _torch_peft_pipeline(path):
-    """A PyTorch pipeline with random PEFT adapters (UNET_PEFT, TEXT_PEFT) on its UNet and text encoder."""
+def torch_peft_pipeline(path, unet_peft=UNET_PEFT, text_peft=TEXT_PEFT):
+    """A PyTorch pipeline with random PEFT adapters of these configs on its UNet and text encoder."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     torch.manual_seed(0)
     torch_pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
-    unet_config, text_config = PeftLoraConfig(**UNET_PEFT), PeftLoraConfig(**TEXT_PEFT)
+    unet_config, text_config = PeftLoraConfig(**unet_peft), PeftLoraConfig(**text_peft)
     torch_pipe.unet.add_adapter(unet_config)
     # transformers 5's own add_adapter wants peft>=0.22; peft's injection is what it calls underneath.
     inject_adapter_in_model(text_config, torch_pipe.text_encoder)
@@ -208,7 +208,7 @@ def test_diffusers_file_with_rslora_and_patterns_imports_exactly(tiny_sd1_path, 
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    torch_pipe, unet_config, text_config = _torch_peft_pipeline(tiny_sd1_path)
+    torch_pipe, unet_config, text_config = torch_peft_pipeline(tiny_sd1_path)
     StableDiffusionPipeline.save_lora_weights(
         tmp_path,
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.unet)),

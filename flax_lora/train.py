@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flax_lora.config import DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
+from flax_lora.config import BUILTIN_RUN_DEFAULTS, DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
 from flax_lora.errors import ExistingOutputError, MissingFileError, UserError
 from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh
 
@@ -553,22 +554,40 @@ class _Preemption:
 
 
 def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
-    """With no model flag: build the tiny pipeline (and the built-in shapes, with no data flag) and point at them."""
+    """With no model flag: build the tiny pipeline (and the built-in shapes, with no data flag) and point at them.
+
+    The demo's default output folder is a parent: each run gets the next free `run-N` in it, so the quick start
+    can be run again without resuming or overwriting anything.
+    """
     from flax_lora.data import build_tiny_dataset
     from flax_lora.tiny import build_tiny_pipeline
 
     builtin_data = config.dataset_name is None and config.train_data_dir is None
     # Process 0 builds the shared files; the others wait, so no two writers race on one cache folder.
+    run_number = 0
     if jax.process_index() == 0:
         build_tiny_pipeline(os.path.expanduser(DEFAULT_TINY_MODEL))
         if builtin_data:
             build_tiny_dataset(DEFAULT_TINY_DATA, resolution=64)
+        run_number = next_run_number(config.output_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("tiny pipeline and dataset built")
-    data = {"train_data_dir": DEFAULT_TINY_DATA} if builtin_data else {}
-    return dataclasses.replace(config, pretrained_model_name_or_path=os.path.expanduser(DEFAULT_TINY_MODEL), **data)
+        run_number = int(multihost_utils.broadcast_one_to_all(np.int32(run_number)))  # also waits for the build
+    changes = {"pretrained_model_name_or_path": os.path.expanduser(DEFAULT_TINY_MODEL)}
+    if builtin_data:
+        changes["train_data_dir"] = DEFAULT_TINY_DATA
+    if config.output_dir == BUILTIN_RUN_DEFAULTS["output_dir"]:
+        # A resumed demo continues the newest run; a new one starts the next.
+        resumed = config.resume_from_checkpoint and run_number > 1
+        changes["output_dir"] = os.path.join(config.output_dir, f"run-{run_number - 1 if resumed else run_number}")
+    return dataclasses.replace(config, **changes)
+
+
+def next_run_number(parent: str) -> int:
+    """1 + the highest N of the `run-N` folders in `parent` (1 when there are none)."""
+    names = os.listdir(parent) if os.path.isdir(parent) else []
+    return max((int(m.group(1)) for name in names if (m := re.fullmatch(r"run-(\d+)", name))), default=0) + 1
 
 
 def init_devices(config: TrainConfig) -> None:

@@ -1,10 +1,14 @@
 """Shared test set-up: 8 fake CPU devices and tiny pipelines, saved by PyTorch diffusers, built once per session."""
 
 import os
+import tempfile
 
 # Must be set before jax is imported anywhere: the tests shard over 8 host devices.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Many tests compile the same steps at the same shapes: JAX's persistent cache compiles each once per machine.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"flax-lora-tests-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 

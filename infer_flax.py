@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 
+from flax_lora.config import InferConfig, parse_infer_args
 from flax_lora.errors import exit_on_user_error
-from flax_lora.inference import InferConfig, parse_args, run
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, generate, save; print where the images went."""
-    config: InferConfig = parse_args(argv)
+    config: InferConfig = parse_infer_args(argv)
+    from flax_lora.inference import run  # after the flags: --help and flag errors need no JAX
+
     for path in exit_on_user_error(lambda: run(config)):  # user errors end as one `error: ...` line
         print(path)
     return 0

@@ -36,10 +36,17 @@ from pathlib import Path
 
 from flax_lora.cli import build_parser, check_choices
 from flax_lora.cli import flag as _f
+from flax_lora.errors import UserError, check_output_folder, exit_on_user_error
 
 # A SD 1.5 LoRA training step (forward + backward, 64x64 latents, text length 77) costs about this much.
 SD15_FLOP_PER_IMAGE = 1.73e12
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Seconds on the project's 2-core CPU VM at --batch 2, rounded up from a few runs (a step's time varied several-fold
+# there): (worker start-up with imports and model set-up, plus the compiling first step; each later step).
+CPU_SECONDS = {
+    "tiny": {"flax": (70.0, 0.05), "torch": (25.0, 3.6)},
+    "small": {"flax": (90.0, 2.0), "torch": (30.0, 1.0)},
+}
 FRAMEWORKS = ("flax", "torch")
 
 _CROSS3 = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -140,12 +147,22 @@ class BenchConfig:
         if self.steps < 1 or self.batch < 1 or self.warmup < 0 or self.sample_size < 0 or self.flax_cpu_devices < 0:
             raise ValueError("--steps and --batch must be >= 1, --warmup, --sample_size and --flax_cpu_devices >= 0")
         unknown = set(self.framework_list) - set(FRAMEWORKS)
-        if unknown:
-            raise ValueError(f"unknown --frameworks {sorted(unknown)}; expected a subset of {FRAMEWORKS}")
+        if unknown or not self.framework_list:
+            raise ValueError(f"--frameworks {self.frameworks!r}: expected a comma-separated subset of {FRAMEWORKS}")
+        cores = len(os.sched_getaffinity(0))
+        if not 0 <= self.threads <= cores:
+            raise ValueError(f"--threads {self.threads}: this process may use {cores} cores (0 = all)")
+        if self.uses_project_step and self.flax_cpu_devices and self.batch % self.flax_cpu_devices:
+            raise ValueError(f"--batch {self.batch} does not split over --flax_cpu_devices {self.flax_cpu_devices}")
 
     @property
     def framework_list(self) -> list[str]:
-        return [f for f in self.frameworks.split(",") if f]
+        return [f.strip() for f in self.frameworks.split(",") if f.strip()]
+
+    @property
+    def uses_project_step(self) -> bool:
+        """The flax side runs flax_lora.train.make_train_step (else this file's local step)."""
+        return self.flax_step == "project" and self.lora_mode == "unmerged"
 
 
 def sd15_alphas_cumprod():
@@ -179,9 +196,7 @@ def _input_shapes(cfg: BenchConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def _limit_threads(cfg: BenchConfig) -> int:
     """Pin this process to `threads` cores (before jax/torch start their pools); return the core count."""
     cores = sorted(os.sched_getaffinity(0))
-    if cfg.threads:
-        if cfg.threads > len(cores):
-            raise ValueError(f"--threads {cfg.threads} but only {len(cores)} cores are available")
+    if cfg.threads:  # at most len(cores): BenchConfig checks it
         cores = cores[: cfg.threads]
         os.sched_setaffinity(0, cores)
     return len(cores)
@@ -189,9 +204,7 @@ def _limit_threads(cfg: BenchConfig) -> int:
 
 def cpu_device_count(cfg: BenchConfig, cores: int) -> int:
     """XLA CPU devices of the flax worker: --flax_cpu_devices, or with 0 one per core when the batch divides."""
-    if cfg.flax_cpu_devices:
-        if cfg.batch % cfg.flax_cpu_devices:
-            raise ValueError(f"--batch {cfg.batch} does not split over --flax_cpu_devices {cfg.flax_cpu_devices}")
+    if cfg.flax_cpu_devices:  # divides the batch: BenchConfig checks it
         return cfg.flax_cpu_devices
     return cores if cfg.batch % cores == 0 else 1
 
@@ -259,7 +272,7 @@ def run_flax(cfg: BenchConfig) -> dict:
     import numpy as np
     import optax
 
-    use_project = cfg.flax_step == "project" and cfg.lora_mode == "unmerged"
+    use_project = cfg.uses_project_step
     cpu_devices = cpu_device_count(cfg, threads) if use_project else 1
     jax.config.update("jax_num_cpu_devices", cpu_devices)  # before any JAX operation; CPU backend only
 
@@ -271,6 +284,8 @@ def run_flax(cfg: BenchConfig) -> dict:
     from flax_lora.train import NoiseSchedule, create_train_state, make_train_step
 
     device = jax.devices()[0]
+    if cfg.device == "gpu" and device.platform not in ("gpu", "cuda", "rocm"):
+        raise UserError(f"--device gpu, but JAX runs on {device.platform} (install jax[cuda12] for an NVIDIA GPU)")
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     attention = "chunked" if cfg.flax_attention == "memory_efficient" else "xla"
     unet_cfg = UNetConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(cfg).items()})
@@ -374,7 +389,7 @@ def run_torch(cfg: BenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if cfg.device == "gpu" and not use_cuda:
-        raise RuntimeError("--device gpu but torch.cuda.is_available() is False")
+        raise UserError("--device gpu, but PyTorch sees no GPU (torch.cuda.is_available() is False)")
     device = torch.device("cuda" if use_cuda else "cpu")
     bf16 = cfg.precision == "bf16"
     unet = UNet2DConditionModel(**unet_config(cfg))
@@ -490,6 +505,9 @@ def run_worker(cfg: BenchConfig, framework: str) -> dict:
         cmd = [sys.executable, __file__, "--worker", framework, "--worker_out", str(result_path), "--spec",
                json.dumps(dataclasses.asdict(cfg))]  # fmt: skip
         proc = subprocess.run(cmd, env=_worker_env(cfg, framework), capture_output=True, text=True)
+        last_line = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        if proc.returncode == 1 and last_line.startswith("error: "):  # a UserError in the worker: its one line
+            raise UserError(f"{framework} worker: {last_line.removeprefix('error: ')}")
         if proc.returncode != 0 or not result_path.exists():
             raise RuntimeError(f"{framework} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(result_path.read_text())
@@ -538,15 +556,55 @@ def format_table(summary: dict) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def output_path(cfg: BenchConfig, platform: str) -> Path:
+    """Where the JSON goes: --out, or bench/results/<config>-<platform>.json."""
+    return Path(cfg.out) if cfg.out else RESULTS_DIR / f"{cfg.config}-{platform}.json"
+
+
+def check_output(cfg: BenchConfig) -> None:
+    """Refuse an --out that cannot be written before any worker runs (the JSON is written at the end)."""
+    out = output_path(cfg, "cpu")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a .json file")
+    check_output_folder(str(out.parent), f"--out {out}")
+
+
+def estimate_seconds(cfg: BenchConfig) -> float | None:
+    """A conservative wall time of the run on a 2-core CPU from CPU_SECONDS; None where nothing was measured."""
+    if cfg.config not in CPU_SECONDS:
+        return None
+    sample_size = unet_config(cfg)["sample_size"]
+    work = cfg.batch / 2 * (sample_size / UNET_CONFIGS[cfg.config]["unet"]["sample_size"]) ** 2
+    cores = cfg.threads or len(os.sched_getaffinity(0))
+    per_step_scale = max(work, 1.0) * max(2 / cores, 1.0)
+    total = 0.0
+    for framework in cfg.framework_list:
+        fixed, step = CPU_SECONDS[cfg.config][framework]
+        total += fixed + (cfg.warmup + cfg.steps) * step * per_step_scale
+    return total
+
+
+def describe_estimate(cfg: BenchConfig) -> str:
+    """One line saying how long the run will take, labelled as an estimate."""
+    seconds = estimate_seconds(cfg)
+    if seconds is None:
+        return f"[bench] no time estimate for --config {cfg.config}: not measured on a CPU (it is meant for a GPU)"
+    shown = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    return (f"[bench] estimate: about {shown} for {' and '.join(cfg.framework_list)}, {cfg.warmup + cfg.steps + 1} "
+            "steps each (from step times measured on a 2-core CPU; a GPU or more cores take less)")  # fmt: skip
+
+
 def run_bench(cfg: BenchConfig) -> tuple[dict, Path]:
     """Run every requested framework, write the JSON and return (summary, its path)."""
+    check_output(cfg)
+    print(describe_estimate(cfg), file=sys.stderr, flush=True)
     results = {}
     for framework in cfg.framework_list:
         print(f"[bench] {framework}: config={cfg.config} batch={cfg.batch} precision={cfg.precision} "
               f"lora_mode={cfg.lora_mode} steps={cfg.steps} ...", file=sys.stderr, flush=True)  # fmt: skip
         results[framework] = run_worker(cfg, framework)
     summary = summarize(cfg, results)
-    out = Path(cfg.out) if cfg.out else RESULTS_DIR / f"{cfg.config}-{summary['platform']}.json"
+    out = output_path(cfg, summary["platform"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     return summary, out
@@ -568,12 +626,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig | None, argpa
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark (or, with the hidden --worker flag, one framework's side of it); user errors are one line."""
     cfg, args = parse_args(argv)
     if args.worker:
-        result = {"flax": run_flax, "torch": run_torch}[args.worker](cfg)
+        result = exit_on_user_error(lambda: {"flax": run_flax, "torch": run_torch}[args.worker](cfg))
         Path(args.worker_out).write_text(json.dumps(result))
         return
-    summary, out = run_bench(cfg)
+    summary, out = exit_on_user_error(lambda: run_bench(cfg))
     print(format_table(summary))
     print(f"JSON written to {out}")
     print(json.dumps(summary, indent=2))

@@ -1,8 +1,10 @@
-"""Training configuration: one typed dataclass; the command line is generated from its fields.
+"""The configurations of both CLIs, training and inference: typed dataclasses; each command line is generated from
+its fields.
 
-Flag names and meanings follow diffusers' `examples/text_to_image/train_text_to_image_lora.py`, so a
+Training flag names and meanings follow diffusers' `examples/text_to_image/train_text_to_image_lora.py`, so a
 user of that script switches by changing the command name. Each field carries its help text in
-`metadata["help"]`; `flax_lora.cli` turns fields into argparse flags (bools become `--flag`).
+`metadata["help"]`; `flax_lora.cli` turns fields into argparse flags (bools become `--flag`). This module imports
+neither JAX nor numpy, so `--help` and flag errors are instant.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from flax_lora.cli import MIXED_PRECISION, build_parser, check_choices, config_from_args
+from flax_lora.cli import MIXED_PRECISION, build_parser, check_choices, config_from_args, parse_config
 from flax_lora.cli import flag as _f
 
 LR_SCHEDULERS = (
@@ -22,10 +24,17 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# flax_lora.schedulers.SAMPLER_NAMES, spelled out here because that module imports JAX (a test keeps them equal).
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpm++", "dpm++_karras", "euler", "euler_a", "pndm")
 REPORT_TO = ("tensorboard", "none")
 
 DEFAULT_TINY_MODEL = os.path.join("~", ".cache", "flax_lora", "tiny-sd1")
 DEFAULT_TINY_DATA = os.path.join("~", ".cache", "flax_lora", "tiny-shapes")
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "flax_lora", "jax-compilation-cache")
+_CACHE_HELP = (
+    "JAX's persistent compilation cache: a rerun with the same settings loads the compiled steps instead of "
+    "compiling them again; 'none' turns it off (JAX_COMPILATION_CACHE_DIR, if set, wins)."
+)
 # The built-in default run (no --pretrained_model_name_or_path): small settings for the tiny pipeline. They
 # replace the flag defaults only, so any flag the user gives still wins.
 BUILTIN_RUN_DEFAULTS = dict(
@@ -186,6 +195,7 @@ class TrainConfig:
     num_processes: int | None = _f(None, "Number of processes of a multi-process run.")
     process_id: int | None = _f(None, "Index of this process in a multi-process run.")
     multihost: bool = _f(False, "Call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM).")
+    compilation_cache_dir: str = _f(DEFAULT_COMPILATION_CACHE, _CACHE_HELP)
 
     def __post_init__(self):
         self.validate()
@@ -196,15 +206,19 @@ class TrainConfig:
             raise ValueError(
                 f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
             )
-        if self.num_cpu_devices < 0:
-            raise ValueError(f"--num_cpu_devices must be >= 0, got {self.num_cpu_devices}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise ValueError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
-        if self.checkpointing_steps < 1:
-            raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+        at_least = {
+            1: ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs", "max_train_steps",
+                "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
+                "num_inference_steps", "lr_num_cycles"),
+            0: ("num_cpu_devices", "dataloader_num_workers", "num_validation_images", "lr_warmup_steps"),
+        }  # fmt: skip
+        for minimum, names in at_least.items():
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and value < minimum:  # None: the flag is unset
+                    raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma}")
         check_choices(self)
         from flax_lora.formats import FORMATS  # here, not at import: --help stays free of numpy and flax
 
@@ -236,3 +250,77 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if parser.parse_args(argv).pretrained_model_name_or_path is None:
         parser.set_defaults(**BUILTIN_RUN_DEFAULTS)
     return config_from_args(parser, TrainConfig, argv)
+
+
+@dataclass
+class InferConfig:
+    """Every inference option; `python infer_flax.py --help` lists them."""
+
+    prompt: str = _f(None, "Text prompt (required).")
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Hub id or local folder of a Stable Diffusion pipeline; unset: the base model the adapter records."
+    )
+    revision: str | None = _f(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
+    variant: str | None = _f(None, "Variant of the model files, e.g. 'fp16'.")
+    lora: list[str] = _f((), "Adapter file or folder (diffusers, PEFT or kohya .safetensors); repeat for several.")
+    lora_scale: list[float] = _f(
+        (), "Scale of each --lora, in the same order (one value applies to all; default 1.0)."
+    )
+    fuse_lora: bool = _f(False, "Merge the adapters into the weights once (faster steps; scales fixed).")
+    negative_prompt: str | None = _f(None, "What the image should not show (the unconditional branch of guidance).")
+    num_inference_steps: int = _f(25, "Denoising steps.")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale (1 or less disables guidance).")
+    scheduler: str | None = _f(
+        None, "Sampling algorithm; unset: the pipeline's own. Built from the pipeline's scheduler config.",
+        SCHEDULER_NAMES,
+    )
+    height: int | None = _f(None, "Image height in pixels, a multiple of 8 (default: the model's size).")
+    width: int | None = _f(None, "Image width in pixels, a multiple of 8 (default: the model's size).")
+    num_images: int | None = _f(None, "Images to generate, split over all devices (default 1, or one per init latent).")
+    seed: int = _f(0, "Seed of the initial latents.")
+    init_latents: str | None = _f(
+        None,
+        "A .npy of initial latents (num_images, 4, height/8, width/8), unit variance, as passed to diffusers' "
+        "pipeline(latents=...): the same latents give the same image in PyTorch diffusers.",
+    )
+    mixed_precision: str = _f("no", "Compute dtype: 'bf16' (TPU, recent GPUs) or 'fp16'; params stay float32.",
+                              MIXED_PRECISION)
+    output: str | None = _f(None, "PNG file to write (several images: numbered PATH-0.png, PATH-1.png, ...).")
+    output_dir: str | None = _f(None, "Folder for the images (image-0.png, ...); used when --output is unset.")
+    compilation_cache_dir: str = _f(DEFAULT_COMPILATION_CACHE, _CACHE_HELP)
+
+    def __post_init__(self):
+        self.lora = list(self.lora or ())
+        self.lora_scale = list(self.lora_scale or ())
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag whose value cannot work."""
+        if not self.prompt:
+            raise ValueError("--prompt is required")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise ValueError(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+        for name in ("num_inference_steps", "num_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.lora_scale) > 1 and len(self.lora_scale) != len(self.lora):
+            raise ValueError(f"{len(self.lora_scale)} --lora_scale values for {len(self.lora)} --lora files")
+        if self.pretrained_model_name_or_path is None and not self.lora:
+            raise ValueError("give --pretrained_model_name_or_path (or a --lora whose metadata names its base model)")
+        check_choices(self)
+
+    @property
+    def scales(self) -> list[float]:
+        """One scale per adapter."""
+        if not self.lora_scale:
+            return [1.0] * len(self.lora)
+        if len(self.lora_scale) == 1:
+            return self.lora_scale * len(self.lora)
+        return self.lora_scale
+
+
+def parse_infer_args(argv: list[str] | None = None) -> InferConfig:
+    """Parse infer_flax.py's flags into a validated InferConfig (errors exit with a usage message)."""
+    return parse_config(InferConfig, "Generate images with Stable Diffusion and LoRA adapters in JAX/Flax.", argv)

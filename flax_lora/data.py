@@ -20,13 +20,17 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flax_lora.errors import MissingFileError, UserError
+from flax_lora.errors import MissingFileError, UserError, hub_download, is_hub_id
 from flax_lora.tiny import atomic_directory
 
 logger = logging.getLogger(__name__)
 
 
-class BadImageError(RuntimeError):
+# Appended to the error a bad image stops a run with when --no-skip_bad_images is given.
+SKIP_HINT = "without --no-skip_bad_images such files are skipped"
+
+
+class BadImageError(UserError):
     """An image could not be read or decoded."""
 
 
@@ -71,36 +75,75 @@ def _caption_list(value: Any, where: str, column: str) -> list[str]:
     )
 
 
-def load_image_folder(data_dir: str, caption_column: str = "text", max_samples: int | None = None) -> CaptionedImages:
-    """Read an image folder with metadata.jsonl (`file_name` + caption column), like diffusers' imagefolder."""
+def check_folder(path: str, flag: str) -> None:
+    """Raise a UserError naming `flag` unless `path` is a readable folder."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"{flag} {path} does not exist")
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; expected a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be read (permission denied)")
+
+
+def load_image_folder(
+    data_dir: str, caption_column: str = "text", max_samples: int | None = None, skip_missing: bool = True
+) -> CaptionedImages:
+    """Read an image folder with metadata.jsonl (`file_name` + caption column), like diffusers' imagefolder.
+
+    Every line is checked, and that its file exists, before any image is decoded: listed files that do not exist
+    are skipped with a warning (an error naming the first one with `skip_missing=False`).
+    """
+    check_folder(data_dir, "--train_data_dir")
     meta = os.path.join(data_dir, "metadata.jsonl")
+    expected = f"one JSON object per line with 'file_name' (the image, relative to the folder) and '{caption_column}'"
     if not os.path.isfile(meta):
-        raise MissingFileError(
-            f"--train_data_dir {data_dir} has no metadata.jsonl; expected one JSON object per line with "
-            f"'file_name' and '{caption_column}'"
-        )
-    names, captions = [], []
+        has_csv = os.path.isfile(os.path.join(data_dir, "metadata.csv"))
+        csv = " (its metadata.csv is read with --dataset_name instead)" if has_csv else ""
+        raise MissingFileError(f"--train_data_dir {data_dir} has no metadata.jsonl; expected {expected}{csv}")
+    names, captions, missing = [], [], []
     with open(meta, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{meta} line {lineno} is not valid JSON: {e}") from e
-            if "file_name" not in row:
-                raise UserError(f"{meta} line {lineno} has no 'file_name' key; keys: {sorted(row)}")
-            if caption_column not in row:
-                raise UserError(
-                    f"caption column '{caption_column}' not found in {meta} line {lineno}; keys: {sorted(row)}. "
-                    "Pass --caption_column with one of them."
+        try:
+            lines = list(enumerate(f, 1))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{meta} is not UTF-8 text ({e}); expected {expected}") from e
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{meta} line {lineno} is not valid JSON: {e}; expected {expected}") from e
+        if not isinstance(row, dict):
+            raise UserError(f"{meta} line {lineno} is a JSON {type(row).__name__}; expected {expected}")
+        if not isinstance(row.get("file_name"), str):
+            raise UserError(f"{meta} line {lineno} has no 'file_name' string (keys: {sorted(row)}); expected {expected}")
+        if caption_column not in row:
+            raise UserError(
+                f"caption column '{caption_column}' not found in {meta} line {lineno}; keys: {sorted(row)}. "
+                "Pass --caption_column with one of them."
+            )
+        path = os.path.join(data_dir, row["file_name"])
+        if not os.path.isfile(path):
+            if not skip_missing:
+                raise MissingFileError(
+                    f"{path}, listed in {meta} line {lineno}, does not exist (file_name is relative to the folder; "
+                    f"{SKIP_HINT})"
                 )
-            names.append(os.path.join(data_dir, row["file_name"]))
-            captions.append(_caption_list(row[caption_column], f"{meta} line {lineno}", caption_column))
-            if max_samples is not None and len(names) >= max_samples:
-                break
+            missing.append(path)
+            continue
+        names.append(path)
+        captions.append(_caption_list(row[caption_column], f"{meta} line {lineno}", caption_column))
+        if max_samples is not None and len(names) >= max_samples:
+            break
+    if missing and not names:
+        raise MissingFileError(
+            f"none of the {len(missing)} files listed in {meta} exist (first: {missing[0]}); file_name is relative "
+            "to the folder that holds metadata.jsonl"
+        )
+    if missing:
+        logger.warning("skipping %d files listed in %s that do not exist (first: %s)", len(missing), meta, missing[0])
     if not names:
-        raise UserError(f"{meta} lists no images")
+        raise UserError(f"{meta} lists no images; expected {expected}")
     return CaptionedImages(names, captions, lambda i: Image.open(names[i]), source=data_dir)
 
 
@@ -113,14 +156,31 @@ def load_hf_dataset(
     max_samples: int | None = None,
 ) -> CaptionedImages:
     """Load the train split of a Hugging Face `datasets` dataset (hub id or local path)."""
-    import datasets
+    path = os.path.expanduser(name)
+    local = os.path.exists(path)
+    if local:
+        check_folder(path, "--dataset_name")
+    elif not is_hub_id(name):
+        raise MissingFileError(f"--dataset_name {name} does not exist (a hub dataset id looks like 'owner/name')")
+    import datasets  # after the checks above: it takes seconds to import
 
-    ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir, split="train")
+    if local:
+        try:
+            ds = datasets.load_dataset(path, config_name, cache_dir=cache_dir, split="train")
+        except Exception as e:  # `datasets` raises many types for a folder it cannot read, some without a message
+            raise UserError(f"--dataset_name {name}: `datasets` cannot read this folder ({type(e).__name__}: {e})") from e
+    else:
+        logger.info("looking up dataset %s on the Hugging Face hub", name)
+        fix = "A local folder works without the hub (--train_data_dir with a metadata.jsonl)."
+        with hub_download("dataset", name, fix):
+            ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir, split="train")
     for col, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if col not in ds.column_names:
             raise UserError(
                 f"column '{col}' not found in dataset {name}; columns: {', '.join(ds.column_names)}. Pass {flag}."
             )
+    if len(ds) == 0:
+        raise UserError(f"dataset {name} has no rows in its train split")
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     captions = [_caption_list(c, f"dataset {name} row {i}", caption_column) for i, c in enumerate(ds[caption_column])]
@@ -159,7 +219,10 @@ def load_training_data(config) -> CaptionedImages:
         )
     if config.train_data_dir is None:
         raise UserError("no training data: pass --dataset_name or --train_data_dir")
-    return load_image_folder(os.path.expanduser(config.train_data_dir), config.caption_column, config.max_train_samples)
+    return load_image_folder(
+        os.path.expanduser(config.train_data_dir), config.caption_column, config.max_train_samples,
+        skip_missing=config.skip_bad_images,
+    )
 
 
 # ------------------------------------------------------------------------------------ built-in dataset
@@ -298,7 +361,7 @@ class BatchLoader:
                 img = self.data.load_image(idx)
             except BadImageError as e:
                 if not self.skip_bad_images:
-                    raise BadImageError(f"{e} (run with --skip_bad_images to skip such files)") from e
+                    raise BadImageError(f"{e} ({SKIP_HINT})") from e
                 self.bad_images.add(idx)
                 logger.warning("skipping %s (%d unreadable so far)", e, len(self.bad_images))
                 continue

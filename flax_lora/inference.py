@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora.cli import MIXED_PRECISION, check_choices, parse_config
-from flax_lora.errors import MissingFileError, UserError
-from flax_lora.cli import flag as _f
-from flax_lora.schedulers import SAMPLER_NAMES as SCHEDULER_NAMES
+from flax_lora.config import InferConfig, parse_infer_args
+
+parse_args = parse_infer_args  # the parser lives with the train config; this name is kept for old imports
+from flax_lora.errors import MissingFileError, UserError, check_output_folder
 from flax_lora.sharding import make_mesh
 
 if TYPE_CHECKING:
@@ -266,79 +266,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-@dataclass
-class InferConfig:
-    """Every inference option; `python infer_flax.py --help` lists them."""
-
-    prompt: str = _f(None, "Text prompt (required).")
-    pretrained_model_name_or_path: str | None = _f(
-        None, "Hub id or local folder of a Stable Diffusion pipeline; unset: the base model the adapter records."
-    )
-    revision: str | None = _f(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
-    variant: str | None = _f(None, "Variant of the model files, e.g. 'fp16'.")
-    lora: list[str] = _f((), "Adapter file or folder (diffusers, PEFT or kohya .safetensors); repeat for several.")
-    lora_scale: list[float] = _f(
-        (), "Scale of each --lora, in the same order (one value applies to all; default 1.0)."
-    )
-    fuse_lora: bool = _f(False, "Merge the adapters into the weights once (faster steps; scales fixed).")
-    negative_prompt: str | None = _f(None, "What the image should not show (the unconditional branch of guidance).")
-    num_inference_steps: int = _f(25, "Denoising steps.")
-    guidance_scale: float = _f(7.5, "Classifier-free guidance scale (1 or less disables guidance).")
-    scheduler: str | None = _f(
-        None, "Sampling algorithm; unset: the pipeline's own. Built from the pipeline's scheduler config.",
-        SCHEDULER_NAMES,
-    )
-    height: int | None = _f(None, "Image height in pixels, a multiple of 8 (default: the model's size).")
-    width: int | None = _f(None, "Image width in pixels, a multiple of 8 (default: the model's size).")
-    num_images: int | None = _f(None, "Images to generate, split over all devices (default 1, or one per init latent).")
-    seed: int = _f(0, "Seed of the initial latents.")
-    init_latents: str | None = _f(
-        None,
-        "A .npy of initial latents (num_images, 4, height/8, width/8), unit variance, as passed to diffusers' "
-        "pipeline(latents=...): the same latents give the same image in PyTorch diffusers.",
-    )
-    mixed_precision: str = _f("no", "Compute dtype: 'bf16' (TPU, recent GPUs) or 'fp16'; params stay float32.",
-                              MIXED_PRECISION)
-    output: str | None = _f(None, "PNG file to write (several images: numbered PATH-0.png, PATH-1.png, ...).")
-    output_dir: str | None = _f(None, "Folder for the images (image-0.png, ...); used when --output is unset.")
-
-    def __post_init__(self):
-        self.lora = list(self.lora or ())
-        self.lora_scale = list(self.lora_scale or ())
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the flag whose value cannot work."""
-        if not self.prompt:
-            raise ValueError("--prompt is required")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 8):
-                raise ValueError(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
-        for name in ("num_inference_steps", "num_images"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if len(self.lora_scale) > 1 and len(self.lora_scale) != len(self.lora):
-            raise ValueError(f"{len(self.lora_scale)} --lora_scale values for {len(self.lora)} --lora files")
-        if self.pretrained_model_name_or_path is None and not self.lora:
-            raise ValueError("give --pretrained_model_name_or_path (or a --lora whose metadata names its base model)")
-        check_choices(self)
-
-    @property
-    def scales(self) -> list[float]:
-        """One scale per adapter."""
-        if not self.lora_scale:
-            return [1.0] * len(self.lora)
-        if len(self.lora_scale) == 1:
-            return self.lora_scale * len(self.lora)
-        return self.lora_scale
-
-
-def parse_args(argv: list[str] | None = None) -> InferConfig:
-    """Parse command-line flags into a validated InferConfig (errors exit with a usage message)."""
-    return parse_config(InferConfig, "Generate images with Stable Diffusion and LoRA adapters in JAX/Flax.", argv)
-
-
 def output_paths(config: InferConfig, count: int) -> list[str]:
     """Where each of `count` images goes."""
     if config.output:
@@ -380,18 +307,26 @@ def run(config: InferConfig) -> list[str]:
     """Load the model and adapters, generate, write PNGs; return their paths."""
     from PIL import Image
 
+    from flax_lora.compile_cache import enable_compilation_cache
     from flax_lora.formats import resolve_adapter_file
     from flax_lora.loading import COMPUTE_DTYPES
 
+    enable_compilation_cache(config.compilation_cache_dir)
     for path in config.lora:  # fail before the (slow) model load
         resolve_adapter_file(path)
+    if config.output:
+        if os.path.isdir(config.output):
+            raise UserError(f"--output {config.output} is a folder; name a .png file, or pass the folder as --output_dir")
+        check_output_folder(os.path.dirname(os.path.abspath(config.output)), f"--output {config.output}")
+    else:
+        check_output_folder(config.output_dir or ".", f"--output_dir {config.output_dir or '.'}")
+    latents = None if config.init_latents is None else read_init_latents(config.init_latents)
     dtype = COMPUTE_DTYPES[config.mixed_precision]
     pipeline = FlaxLoraPipeline.from_pretrained(
         resolve_base_model(config), revision=config.revision, variant=config.variant, dtype=dtype
     )
     for path, scale in zip(config.lora, config.scales):
         pipeline.load_lora(path, scale=scale, fuse=config.fuse_lora)
-    latents = None if config.init_latents is None else read_init_latents(config.init_latents)
     images = pipeline(
         config.prompt,
         negative_prompt=config.negative_prompt,

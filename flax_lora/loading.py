@@ -15,6 +15,7 @@ Design:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora.errors import MissingFileError, UserError
+from flax_lora.errors import MissingFileError, UserError, hub_download, is_hub_id
 from flax_lora.lora import LORA, lora_variables
 from flax_lora.models import clip, unet as unet_lib, vae as vae_lib
 from flax_lora.models.convert import CheckpointMismatchError, read_safetensors
@@ -44,6 +45,7 @@ _WEIGHT_STEMS = (
 )
 # --mixed_precision values (flax_lora.cli.MIXED_PRECISION) -> compute dtype of the frozen model.
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+logger = logging.getLogger(__name__)
 
 
 class PipelineError(UserError):
@@ -155,26 +157,33 @@ def weight_files(folder_files: list[str], component: str, variant: str | None) -
 
 def resolve_pipeline_folder(name_or_path: str, revision: str | None = None, variant: str | None = None) -> str:
     """Return a local folder for a pipeline: the folder itself, or a hub snapshot of just the files needed."""
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "model_index.json")):
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise PipelineError(f"{name_or_path} is not a diffusers pipeline folder: no model_index.json")
-        return name_or_path
-    if name_or_path.startswith((".", "~", "/", os.sep)) or name_or_path.count("/") > 1:
+        return path
+    if os.path.exists(path):
+        raise PipelineError(
+            f"{name_or_path} is a file; expected a diffusers pipeline folder (with model_index.json): single-file "
+            "checkpoints are not read"
+        )
+    if not is_hub_id(name_or_path):
         raise MissingFileError(f"pipeline folder {name_or_path} does not exist (a hub id looks like 'owner/name')")
     from huggingface_hub import list_repo_files, snapshot_download
 
-    try:
+    logger.info("looking up %s on the Hugging Face hub", name_or_path)
+    fix = "A local folder of a diffusers pipeline (with model_index.json) works without the hub."
+    with hub_download("model", name_or_path, fix):
         files = list_repo_files(name_or_path, revision=revision)
-    except Exception as e:  # offline, unknown repo, gated repo: one message with the cause
-        raise PipelineError(
-            f"{name_or_path!r} is neither a local folder nor a reachable hub model id ({type(e).__name__}: {e})"
-        ) from e
+    if "model_index.json" not in files:
+        raise PipelineError(f"hub model {name_or_path} is not a diffusers pipeline: it has no model_index.json")
     components = [c for c in MODEL_COMPONENTS if any(f.startswith(c + "/") for f in files)]
     wanted = [f for c in components for f in weight_files(files, c, variant)]
     for index in [f for f in wanted if f.endswith(".json")]:
         stem, fmt = index.split(".index")[0].rsplit(".", 1)
         wanted.append(f"{stem}*.{fmt}")  # the shards an index names
-    return snapshot_download(name_or_path, revision=revision, allow_patterns=list(_CONFIG_FILES) + wanted)
+    with hub_download("model", name_or_path, fix):
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=list(_CONFIG_FILES) + wanted)
 
 
 def _component_weights(folder: Path, component: str, variant: str | None) -> tuple[dict[str, np.ndarray], str]:

@@ -18,16 +18,18 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +38,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flax_lora.compile_cache import enable_compilation_cache
 from flax_lora.config import BUILTIN_RUN_DEFAULTS, DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
-from flax_lora.errors import ExistingOutputError, MissingFileError, UserError
+from flax_lora.errors import ExistingOutputError, MissingFileError, UserError, check_output_folder
 from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh
 
 logger = logging.getLogger("flax_lora.train")
@@ -359,7 +362,7 @@ def _local_map(fn: Callable, inputs: np.ndarray, batch: int, extra=()) -> np.nda
 
 def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32) -> tuple[np.ndarray, np.ndarray]:
     """Encode every readable image once: (moments (n, flips, 2, C, h, w), valid indices). Bad images are dropped."""
-    from flax_lora.data import BadImageError, preprocess_image
+    from flax_lora.data import SKIP_HINT, BadImageError, preprocess_image
 
     images, valid = [], []
     for i in range(len(data)):
@@ -367,7 +370,7 @@ def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
             img = data.load_image(i)
         except BadImageError as e:
             if not config.skip_bad_images:
-                raise
+                raise BadImageError(f"{e} ({SKIP_HINT})") from e
             logger.warning("skipping %s", e)
             continue
         # The crop is drawn once per image here: a cached run cannot re-crop every epoch.
@@ -375,7 +378,7 @@ def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
         images.append(preprocess_image(img, config.resolution, config.center_crop, False, rng))
         valid.append(i)
     if not valid:
-        raise ValueError(f"no readable training images in {data.source}")
+        raise UserError(f"no readable training images in {data.source}")
     pixels = np.stack(images)
     if config.random_flip:
         pixels = np.concatenate([pixels, pixels[..., ::-1]])
@@ -474,17 +477,23 @@ class Checkpointer:
         self.manager.close()
 
 
+def checkpoint_steps(directory: str) -> list[int]:
+    """Steps of the checkpoints in a folder, oldest first, from the folder names (orbax's temporary ones are not)."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
 def resolve_resume(resume: str, output_dir: str) -> tuple[str, int | None]:
     """(checkpoints folder, step) for --resume_from_checkpoint 'latest' or a checkpoint folder path."""
     if resume == "latest":
         return os.path.join(output_dir, "checkpoints"), None
     path = os.path.abspath(os.path.expanduser(resume.rstrip("/")))
     name = os.path.basename(path)
-    if not name.isdigit() or not os.path.isdir(path):
-        raise MissingFileError(
-            f"--resume_from_checkpoint {resume}: expected a checkpoint folder like OUTPUT_DIR/checkpoints/500 "
-            "or 'latest'"
-        )
+    expected = "expected a checkpoint folder like OUTPUT_DIR/checkpoints/500, or 'latest'"
+    if not os.path.isdir(path):
+        raise MissingFileError(f"--resume_from_checkpoint {resume} does not exist; {expected}")
+    if not name.isdigit():
+        raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder; {expected}")
     return os.path.dirname(path), int(name)
 
 
@@ -644,7 +653,11 @@ class Run:
 
 class MetricsBuffer:
     """Step metrics, read one step late so the device keeps running, then logged once: loss history, progress
-    bar, TensorBoard. A non-finite loss stops the run here, before anything is saved."""
+    bar, TensorBoard. A non-finite loss stops the run here, before anything is saved.
+
+    The bar says "compiling" until the first step is done; its ETA comes from the mean time of the steps after it
+    (side work in `paused()`, checkpoints and validation, is not counted).
+    """
 
     def __init__(self, run: Run, history: list[tuple[int, float]], bar: Any):
         self.run = run
@@ -652,6 +665,8 @@ class MetricsBuffer:
         self.bar = bar
         self.pending: tuple[int, dict] | None = None  # (step, metrics) of the last dispatched step
         self.t_last = time.perf_counter()
+        self.compiled = False
+        self.timed_steps, self.timed_s = 0, 0.0
 
     def push(self, step: int, metrics: dict) -> None:
         """Hold the metrics of a step just dispatched; log the previous step's (ready by now)."""
@@ -665,6 +680,15 @@ class MetricsBuffer:
             self._log(*self.pending)
             self.pending = None
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Around side work between steps: log what is held first, and leave the time it takes out of the rate."""
+        self.flush()
+        try:
+            yield
+        finally:
+            self.t_last = time.perf_counter()
+
     def _log(self, step: int, metrics: dict) -> None:
         m = {k: float(v) for k, v in to_host(metrics).items()}
         if not math.isfinite(m["loss"]):
@@ -674,32 +698,54 @@ class MetricsBuffer:
                 "lower --learning_rate, --max_grad_norm, or bf16 instead of fp16."
             )
         now = time.perf_counter()
-        ips = self.run.per_step / max(now - self.t_last, 1e-9)
-        self.t_last = now
+        elapsed, self.t_last = now - self.t_last, now
         self.history.append((step, m["loss"]))
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{ips:.1f}", refresh=False)
+        ips = None
+        if self.compiled:
+            self.timed_steps, self.timed_s = self.timed_steps + 1, self.timed_s + elapsed
+            ips = self.run.per_step / max(elapsed, 1e-9)
+        else:  # the first step of a run compiles: its time says nothing about the rest
+            self.compiled = True
+            self.bar.set_description_str("training", refresh=False)
+        postfix = f"loss {m['loss']:.4f}"
+        if self.timed_steps:
+            step_s = self.timed_s / self.timed_steps
+            eta = self.bar.format_interval((self.run.total_steps - step) * step_s)
+            postfix += f", {self.run.per_step / step_s:.1f} img/s, {step_s:.2f} s/step, ETA {eta}"
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(1)
         if self.run.writer is not None:
             for k, v in m.items():
                 self.run.writer.add_scalar(f"train/{k}", v, step)
-            self.run.writer.add_scalar("train/images_per_sec", ips, step)
+            if ips is not None:
+                self.run.writer.add_scalar("train/images_per_sec", ips, step)
 
 
 def setup(config: TrainConfig) -> tuple[Run, TrainState]:
-    """Load the pipeline and data, build the mesh, loader, LoRA state, jitted step, checkpointer and loggers."""
+    """Check the inputs, load the data and pipeline, build the mesh, loader, LoRA state, jitted step, checkpointer and
+    loggers. Cheap checks come first, and the output folder is created only once everything loaded."""
     from flax_lora.data import BatchLoader, load_training_data
     from flax_lora.loading import COMPUTE_DTYPES, load_pipeline
     from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraConfig, UNET_TARGETS, new_adapter
 
     is_main = jax.process_index() == 0
     seed = 0 if config.seed is None else config.seed
-    output_dir = os.path.abspath(os.path.expanduser(config.output_dir))
-    if is_main:
-        os.makedirs(output_dir, exist_ok=True)
+    output_dir = output_folder(config)
+    check_output_folder(output_dir, f"--output_dir {config.output_dir}")
+    ckpt_dir, resume_step = os.path.join(output_dir, "checkpoints"), None
+    if config.resume_from_checkpoint:
+        ckpt_dir, resume_step = resolve_resume(config.resume_from_checkpoint, output_dir)
+    elif saved := checkpoint_steps(ckpt_dir):  # refused now, not after the slow loading
+        raise ExistingOutputError(
+            f"{ckpt_dir} already holds checkpoints (latest step {saved[-1]}); pass --resume_from_checkpoint latest "
+            "to continue that run, or choose another --output_dir"
+        )
+    data = load_training_data(config)  # before the model: a data mistake is reported in a second, not after the load
 
     compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
     if config.mixed_precision == "fp16":
         logger.warning("fp16 trains without loss scaling here; prefer --mixed_precision bf16 where the hardware has it")
+    logger.info("loading %s", config.pretrained_model_name_or_path)
     pipe = load_pipeline(
         config.pretrained_model_name_or_path,
         config.revision,
@@ -710,7 +756,6 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
     )
     pipe.require_sd("training")
     schedule = noise_schedule(pipe.scheduler_config, config.prediction_type)
-    data = load_training_data(config)
 
     mesh = make_mesh()
     global_batch = config.train_batch_size * jax.device_count()
@@ -720,10 +765,10 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
     latent_cache = text_cache = valid = None
     local_batch = config.train_batch_size * jax.local_device_count()
     if config.cache_latents:
-        logger.info("caching VAE latents of %d images", len(data))
+        logger.info("caching VAE latents of %d images (the first batch compiles the encoder)...", len(data))
         latent_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype)
     if config.cache_text_embeddings:
-        logger.info("caching text embeddings of %d captions", len(data))
+        logger.info("caching text embeddings of %d captions...", len(data))
         text_cache = cache_text(pipe, data, local_batch, compute_dtype)
     loader = BatchLoader(
         data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed,
@@ -750,19 +795,20 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
         compute_dtype=compute_dtype, lr_fn=lr_fn,
     )
 
-    ckpt_dir, resume_step = os.path.join(output_dir, "checkpoints"), None
-    if config.resume_from_checkpoint:
-        ckpt_dir, resume_step = resolve_resume(config.resume_from_checkpoint, output_dir)
-    writer = None
-    if is_main and config.report_to == "tensorboard":
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(output_dir, config.logging_dir))
     validation = None
     if config.validation_prompt and config.num_validation_images > 0:
         side = config.resolution // pipe.vae_scale_factor
         shape = (config.num_validation_images, pipe.unet.config.in_channels, side, side)
         validation = make_validation_pipeline(pipe, train_step, schedule.prediction_type, config.num_inference_steps, shape)
+
+    # Every input is checked by now: from here on the run writes.
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+    writer = None
+    if is_main and config.report_to == "tensorboard":
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(output_dir, config.logging_dir))
     run = Run(
         config=config, pipe=pipe, loader=loader, lora_configs=lora_configs, train_step=train_step, mesh=mesh,
         rows=rows, output_dir=output_dir, seed=seed, global_batch=global_batch, per_step=per_step,
@@ -774,22 +820,24 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
 
 
 def restore(run: Run, state: TrainState) -> tuple[TrainState, list[tuple[int, float]]]:
-    """The state and loss history to start from: a checkpoint when resuming; a fresh run refuses old checkpoints."""
+    """The state and loss history to start from: a checkpoint when resuming, else the fresh state."""
     config, checkpointer = run.config, run.checkpointer
-    latest = checkpointer.latest_step()
-    if not config.resume_from_checkpoint:
-        if latest is not None:
-            raise ExistingOutputError(
-                f"{checkpointer.directory} already holds checkpoints (latest step {latest}); pass "
-                "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
-            )
+    if not config.resume_from_checkpoint:  # setup refused a folder that holds checkpoints
         return state, []
+    latest = checkpointer.latest_step()
     step = run.resume_step if run.resume_step is not None else latest
     if step is None:
         logger.info("no checkpoint in %s; starting a new run", checkpointer.directory)
         return state, []
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, meta = checkpointer.restore(step, abstract)
+    try:
+        state, meta = checkpointer.restore(step, abstract)
+    except ValueError as e:  # orbax: the stored tree or a shape differs from this run's LoRA state
+        raise UserError(
+            f"checkpoint {os.path.join(checkpointer.directory, str(step))} does not fit this run: it was written with "
+            "other LoRA settings (--rank, --train_text_encoder); resume with the flags of the run that wrote it "
+            f"({str(e).splitlines()[0][:200]})"
+        ) from e
     if meta.get("samples_per_step") != run.per_step or meta.get("seed") != run.seed:
         logger.warning(
             "checkpoint was written with %s samples/step and seed %s; this run has %d and %d, so the data order "
@@ -820,6 +868,10 @@ def validate(run: Run, state: TrainState, step: int, final: bool = False) -> lis
 
     config = run.config
     pipeline, scheduler = run.validation
+    logger.info(
+        "generating %d validation images at step %d%s...", config.num_validation_images, step,
+        "" if pipeline.trace_count else " (the first call compiles the sampler)",
+    )
     pipeline.unload_loras()  # the adapter is the current weights; same shapes, so no recompilation
     pipeline.add_lora(LoraAdapter(params=to_host(state.params), configs=run.lora_configs), name="training")
     images = to_uint8(pipeline(
@@ -845,6 +897,7 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
     Returns (state, step of the last checkpoint written, preempted).
     """
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     config, loader = run.config, run.loader
     start_step = int(to_host(state.step))
@@ -854,10 +907,14 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
         config.gradient_accumulation_steps, run.total_steps, math.ceil(run.total_steps / run.steps_per_epoch),
         run.learning_rate,
     )
-    bar = tqdm(total=run.total_steps, initial=start_step, disable=not run.is_main, desc="steps", dynamic_ncols=True)
+    # The ETA is ours (MetricsBuffer): tqdm's own rate would count the compile step.
+    bar = tqdm(
+        total=run.total_steps, initial=start_step, disable=not run.is_main, desc="compiling the train step",
+        dynamic_ncols=True, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}{postfix}",
+    )
     metrics_buffer = MetricsBuffer(run, history, bar)
     last_saved, preempted = start_step, False
-    with _Preemption() as preemption:
+    with _Preemption() as preemption, logging_redirect_tqdm(tqdm_class=tqdm):  # log lines go above the bar
         try:
             for step in range(start_step, run.total_steps):
                 batch = put_batch(loader.batch(step), run.mesh, run.global_batch, run.rows)
@@ -866,8 +923,8 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
                 metrics_buffer.push(done, metrics)
                 stop = preemption.check(done)
                 if done % config.checkpointing_steps == 0 or stop:
-                    metrics_buffer.flush()
-                    logger.info("saved checkpoint %s", save_checkpoint(run, state, history))
+                    with metrics_buffer.paused():
+                        logger.info("saved checkpoint %s", save_checkpoint(run, state, history))
                     last_saved = done
                     if stop:
                         preempted = True
@@ -875,8 +932,8 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
                         break
                 epoch_end = done % run.steps_per_epoch == 0
                 if epoch_end and done != run.total_steps and (done // run.steps_per_epoch) % config.validation_epochs == 0:
-                    metrics_buffer.flush()
-                    validate(run, state, done)
+                    with metrics_buffer.paused():
+                        validate(run, state, done)
             metrics_buffer.flush()
         finally:
             bar.close()
@@ -906,9 +963,32 @@ def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]])
     return outputs
 
 
+def output_folder(config: TrainConfig) -> str:
+    """--output_dir as an absolute path."""
+    return os.path.abspath(os.path.expanduser(config.output_dir))
+
+
+@contextlib.contextmanager
+def removed_if_unwritten(output_dir: str, logging_dir: str) -> Iterator[None]:
+    """Around a run's set-up: when it fails, delete the folders it created for its outputs if it wrote nothing there but logs."""
+    top, parent = None, output_dir
+    while not os.path.exists(parent):  # the highest folder this run creates
+        top, parent = parent, os.path.dirname(parent)
+    try:
+        yield
+    except BaseException:
+        logs = os.path.join(output_dir, logging_dir) + os.sep
+        if top is not None and jax.process_index() == 0 and os.path.isdir(top):
+            written = any(files and not (root + os.sep).startswith(logs) for root, _, files in os.walk(top))
+            if not written:  # e.g. the first image failed: no checkpoint, sample or adapter to keep
+                shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
 def main(config: TrainConfig) -> dict:
     """Train a LoRA adapter as configured; returns a summary (paths, final step, losses)."""
     init_devices(config)
+    enable_compilation_cache(config.compilation_cache_dir)
     if config.uses_builtin_defaults:
         config = apply_builtin_defaults(config)
     is_main = jax.process_index() == 0
@@ -916,7 +996,9 @@ def main(config: TrainConfig) -> dict:
     for noisy in ("absl", "matplotlib"):  # orbax logs every file rename at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    run, state = setup(config)
+    # Only the set-up may remove what it created: a run that has started training keeps its logs whatever happens.
+    with removed_if_unwritten(output_folder(config), config.logging_dir):
+        run, state = setup(config)
     try:
         state, history = restore(run, state)
         state, last_saved, preempted = train_loop(run, state, history)
@@ -924,8 +1006,8 @@ def main(config: TrainConfig) -> dict:
         if not preempted and final_step != last_saved:
             save_checkpoint(run, state, history)
         run.checkpointer.close()
-        result = {"output_dir": run.output_dir, "step": final_step, "loss_history": history, "preempted": preempted,
-                  "bad_images": len(run.loader.bad_images)}
+        result = {"output_dir": run.output_dir, "step": final_step, "loss_history": history,
+                  "preempted": preempted, "bad_images": len(run.loader.bad_images)}  # fmt: skip
         if not preempted:
             result.update(write_outputs(run, state, history))
         return result

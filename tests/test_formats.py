@@ -148,6 +148,20 @@ def torch_peft_pipeline(path, unet_peft=UNET_PEFT, text_peft=TEXT_PEFT):
     return torch_pipe, unet_config, text_config
 
 
+def save_peft_lora(torch_pipe, unet_config, text_config, folder) -> None:
+    """What diffusers' training scripts save for PEFT adapters: save_lora_weights with both configs in the header."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.text_encoder)),
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
+
+
 # ----------------------------------------------------------------------------------------------- export
 
 
@@ -205,17 +219,8 @@ def test_diffusers_file_header_applies_our_scale_in_every_diffusers(sd1, tmp_pat
 
 
 def test_diffusers_file_with_rslora_and_patterns_imports_exactly(tiny_sd1_path, sd1, tmp_path, caplog):
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
     torch_pipe, unet_config, text_config = torch_peft_pipeline(tiny_sd1_path)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_path,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.unet)),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.text_encoder)),
-        unet_lora_adapter_metadata=unet_config.to_dict(),
-        text_encoder_lora_adapter_metadata=text_config.to_dict(),
-    )
+    save_peft_lora(torch_pipe, unet_config, text_config, tmp_path)
     torch_deltas = _torch_deltas(unet=torch_pipe.unet, text_encoder=torch_pipe.text_encoder)
     torch_text, torch_noise = _torch_forward(torch_pipe, sd1)
     file = tmp_path / "pytorch_lora_weights.safetensors"

@@ -129,21 +129,11 @@ def test_peft_written_adapter_gives_pytorchs_image(sd1, tiny_sd1_path, init_late
     DPM++: with DDIM's x0 clipping, guidance 7.5 on this random model amplifies float rounding about 100x per step
     (1e-7 per step, 6e-4 after 8 steps, measured), which would hide a real difference of that size.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    from tests.test_formats import TEXT_PEFT, UNET_PEFT, torch_peft_pipeline
+    from tests.test_formats import TEXT_PEFT, UNET_PEFT, save_peft_lora, torch_peft_pipeline
 
     # Attention targets only: every diffusers loader reads such a UNet whole (README: Adapter files).
     unet_peft = dict(UNET_PEFT, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    source, unet_config, text_config = torch_peft_pipeline(tiny_sd1_path, unet_peft, TEXT_PEFT)
-    source.save_lora_weights(
-        tmp_path,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(source.unet)),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(source.text_encoder)),
-        unet_lora_adapter_metadata=unet_config.to_dict(),
-        text_encoder_lora_adapter_metadata=text_config.to_dict(),
-    )
+    save_peft_lora(*torch_peft_pipeline(tiny_sd1_path, unet_peft, TEXT_PEFT), tmp_path)
     pt = _pt_pipeline(tiny_sd1_path, "dpm++")
     pt.load_lora_weights(str(tmp_path))
     sd1.unload_loras()

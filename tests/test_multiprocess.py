@@ -51,6 +51,6 @@ def test_two_processes_train_one_adapter(tiny_sd1_path, tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(os.listdir(out / "checkpoints")) == ["3", "6"]
     assert len(os.listdir(out / "logs")) == 1  # one TensorBoard event file: process 0 logs
-    # Only process 0 prints progress and INFO logs.
-    assert "steps:" in outputs[0] or "steps:" in outputs[1]
+    # Only process 0 prints progress (the bar says "compiling the train step", then "training") and INFO logs.
+    assert sum("compiling the train step" in t and "training:" in t for t in outputs) == 1
     assert sum("wrote " in t for t in outputs) == 1

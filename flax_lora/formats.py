@@ -12,6 +12,10 @@ Design:
 - Our diffusers export folds alpha/rank into `up` and writes `lora_alpha = r`: diffusers releases before the
   header existed (<= 0.33) apply scale 1, newer ones read the header, so every version applies our scale.
   The trained rank and alpha stay in the header (`flax_lora_alpha`) and come back on import.
+- SDXL: components `unet`, `text_encoder`, `text_encoder_2` (kohya `lora_unet_`, `lora_te1_`, `lora_te2_`). kohya's
+  SDXL trainer names UNet modules the SGM/LDM way (`input_blocks.4.1`, `middle_block.1`, `output_blocks.3.0`,
+  `emb_layers.1`); those names are derived from the base UNet's own blocks (resnets, attentions, samplers per
+  block), so they read for any UNet, SD 1.x included, and our kohya SDXL export writes them.
 """
 
 from __future__ import annotations
@@ -44,8 +48,21 @@ PEFT_PREFIX = "base_model.model."  # keys of a PeftModel's save_pretrained
 METADATA_KEY = "lora_adapter_metadata"  # diffusers reads alpha from here (a JSON PEFT LoraConfig)
 TRAINED_ALPHA_KEY = "flax_lora_alpha"  # our export's trained rank and alpha per component (the weights carry the scale)
 BASE_MODEL_KEY = "base_model"
-DIFFUSERS_PREFIX = {"unet": "unet", "text_encoder": "text_encoder"}
-KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
+DIFFUSERS_PREFIX = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+KOHYA_SDXL_TEXT_ENCODER_PREFIX = "lora_te1"  # kohya's name for SDXL's first text encoder (`lora_te` is read too)
+KOHYA_SDXL_MODEL_VERSION = "sdxl_base_v1-0"  # kohya sd-scripts' ss_base_model_version of SDXL LoRAs
+# SGM/LDM names inside a ResBlock (kohya's SDXL UNet) -> diffusers' names.
+_SGM_RESNET_NAMES = {
+    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+}
+# SGM/LDM modules outside the input/middle/output blocks -> diffusers' names.
+_SGM_TOP_NAMES = {
+    "input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+    "out.0": "conv_norm_out", "out.2": "conv_out",
+}
 # Key suffixes naming the (down, up) halves in the formats we read.
 _DOWN_UP_SUFFIXES = (
     (".lora.down.weight", ".lora.up.weight"),  # diffusers
@@ -57,6 +74,89 @@ _DOWN_UP_SUFFIXES = (
 
 class AdapterFormatError(UserError):
     """An adapter file that does not fit the base model or is not a LoRA file at all."""
+
+
+# ----------------------------------------------------------------------------------------- SGM block names
+
+
+def _members(params: Params, name: str) -> int:
+    """How many `name_N` children a param subtree has (resnets_0, resnets_1, ... -> 2)."""
+    return sum(1 for key in params if re.fullmatch(rf"{name}_\d+", key))
+
+
+def _sgm_blocks(unet: Params) -> dict[str, tuple[str, str]]:
+    """diffusers block path -> (SGM/LDM block path, kind) for a UNet, counted from its own param tree.
+
+    SGM numbers the UNet's sequential stages: `input_blocks.0` is conv_in, then one stage per down-block layer
+    (`.0` its resnet, `.1` its attention) and one per downsampler; `middle_block.0/1/2` alternate resnets and
+    attentions; `output_blocks` has one stage per up-block layer, the block's upsampler after its last layer.
+    """
+    blocks: dict[str, tuple[str, str]] = {}
+    stage = 1
+    for i in range(_members(unet, "down_blocks")):
+        block = unet[f"down_blocks_{i}"]
+        for j in range(_members(block, "resnets")):
+            blocks[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{stage}.0", "resnet")
+            if f"attentions_{j}" in block:
+                blocks[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{stage}.1", "attention")
+            stage += 1
+        if "downsamplers_0" in block:
+            blocks[f"down_blocks.{i}.downsamplers.0"] = (f"input_blocks.{stage}.0", "downsampler")
+            stage += 1
+    mid = unet.get("mid_block", {})
+    for j in range(_members(mid, "resnets")):
+        blocks[f"mid_block.resnets.{j}"] = (f"middle_block.{2 * j}", "resnet")
+        if f"attentions_{j}" in mid:
+            blocks[f"mid_block.attentions.{j}"] = (f"middle_block.{2 * j + 1}", "attention")
+    stage = 0
+    for i in range(_members(unet, "up_blocks")):
+        block = unet[f"up_blocks_{i}"]
+        layers = _members(block, "resnets")
+        for j in range(layers):
+            blocks[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{stage}.0", "resnet")
+            inner = 1
+            if f"attentions_{j}" in block:
+                blocks[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{stage}.1", "attention")
+                inner = 2
+            if j == layers - 1 and "upsamplers_0" in block:
+                blocks[f"up_blocks.{i}.upsamplers.0"] = (f"output_blocks.{stage}.{inner}", "upsampler")
+            stage += 1
+    return blocks
+
+
+def sgm_module_names(unet: Params) -> dict[str, tuple[str, ...]]:
+    """PyTorch (diffusers) path of each Dense/Conv module of a UNet -> its SGM/LDM names, kohya's first.
+
+    The others are spellings converters write: diffusers' own names inside an SGM block (`input_blocks.4.0.conv1`).
+    """
+    blocks = _sgm_blocks(unet)
+    top = {diffusers: sgm for sgm, diffusers in _SGM_TOP_NAMES.items()}
+    resnet = {diffusers: sgm for sgm, diffusers in _SGM_RESNET_NAMES.items()}
+    names: dict[str, tuple[str, ...]] = {}
+    for path in linear_modules(unet):
+        pt_path = pt_module_path(path)
+        if pt_path in top:
+            names[pt_path] = (top[pt_path],)
+            continue
+        depth = 3 if pt_path.startswith("mid_block.") else 4
+        block, rest = ".".join(pt_path.split(".")[:depth]), ".".join(pt_path.split(".")[depth:])
+        if block not in blocks:
+            continue
+        sgm_block, kind = blocks[block]
+        if kind == "resnet" and rest in resnet:
+            names[pt_path] = (f"{sgm_block}.{resnet[rest]}", f"{sgm_block}.{rest}")
+        elif kind == "downsampler" and rest == "conv":  # SGM's Downsample calls its conv `op`
+            names[pt_path] = (f"{sgm_block}.op", f"{sgm_block}.conv")
+        else:
+            names[pt_path] = (f"{sgm_block}.{rest}",)
+    return names
+
+
+def _kohya_prefixes(component: str, sdxl: bool) -> tuple[str, ...]:
+    """kohya key prefixes of a component, the one kohya writes first (SDXL's first text encoder is `te1`)."""
+    if component == "text_encoder" and sdxl:
+        return KOHYA_SDXL_TEXT_ENCODER_PREFIX, KOHYA_PREFIX[component]
+    return (KOHYA_PREFIX[component],)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -75,7 +175,8 @@ def _diffusers_suffixes(component: str, pt_paths: list[str]) -> tuple[str, str]:
     `.lora_A` for anything else; diffusers' loader picks one conversion per component from the first key, so
     a component with any other module gets PEFT keys throughout.
     """
-    standard = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+    clip = ("q_proj", "k_proj", "v_proj", "out_proj")
+    standard = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": clip, "text_encoder_2": clip}
     if all(path.endswith(standard[component]) for path in pt_paths):
         return _DOWN_UP_SUFFIXES[0] if component == "unet" else _DOWN_UP_SUFFIXES[2]
     return _DOWN_UP_SUFFIXES[1]
@@ -110,10 +211,38 @@ def _peft_config(config: LoraConfig, tree: Params) -> dict[str, Any]:
     }
 
 
-def adapter_state_dict(adapter: LoraAdapter, format: str = "diffusers") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors and header metadata of an adapter file in the diffusers or kohya format."""
+def _kohya_unet_names(adapter: LoraAdapter, base_params: dict[str, Params] | None, sdxl: bool) -> dict[str, str]:
+    """PyTorch path -> the module name kohya writes: SGM names for SDXL (kohya's SDXL UNet), diffusers' otherwise."""
+    paths = [pt_module_path(p) for p in lora_modules(adapter.params.get("unet", {}))]
+    if not sdxl or not paths:
+        return {path: path for path in paths}
+    if base_params is None:
+        raise ValueError(
+            "a kohya SDXL file names UNet modules by SGM block (input_blocks.4.1...), which needs the base UNet's "
+            "blocks: pass base_params (the pipeline's params) to save_adapter / adapter_state_dict"
+        )
+    sgm = sgm_module_names(base_params["unet"])
+    missing = [path for path in paths if path not in sgm]
+    if missing:
+        raise ValueError(
+            f"UNet LoRA module {missing[0]!r} ({len(missing)} in all) is not a block module of base_params['unet'], "
+            "so it has no SGM name; is the adapter for another base model?"
+        )
+    return {path: sgm[path][0] for path in paths}
+
+
+def adapter_state_dict(
+    adapter: LoraAdapter, format: str = "diffusers", base_params: dict[str, Params] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and header metadata of an adapter file in the diffusers or kohya format.
+
+    A kohya SDXL file needs `base_params` (the pipeline's params): its UNet names come from the base UNet's blocks.
+    """
     if format not in FORMATS:
         raise ValueError(f"unknown adapter format {format!r}; expected one of {FORMATS}")
+    # A UNet-only SDXL adapter says nothing of the second text encoder: the base model does.
+    sdxl = "text_encoder_2" in (adapter.params if base_params is None else base_params)
+    kohya_unet = _kohya_unet_names(adapter, base_params, sdxl) if format == "kohya" else {}
     tensors: dict[str, np.ndarray] = {}
     metadata: dict[str, str] = {}
     peft_metadata: dict[str, Any] = {}
@@ -130,7 +259,8 @@ def adapter_state_dict(adapter: LoraAdapter, format: str = "diffusers") -> tuple
                 tensors[key + down_suffix] = _pt_layout(down, is_conv)
                 tensors[key + up_suffix] = _pt_layout(up, is_conv) * np.float32(config.scale)
             else:
-                key = f"{KOHYA_PREFIX[component]}_{pt_path.replace('.', '_')}"
+                name = kohya_unet[pt_path] if component == "unet" else pt_path
+                key = f"{_kohya_prefixes(component, sdxl)[0]}_{name.replace('.', '_')}"
                 tensors[f"{key}.lora_down.weight"] = _pt_layout(down, is_conv)
                 tensors[f"{key}.lora_up.weight"] = _pt_layout(up, is_conv)
                 # kohya's per-module alpha: scale = alpha / rank of that module.
@@ -147,6 +277,8 @@ def adapter_state_dict(adapter: LoraAdapter, format: str = "diffusers") -> tuple
             ss_network_dim=str(unet_config.rank),
             ss_network_alpha=str(unet_config.lora_alpha),
         )
+        if sdxl:  # what kohya's SDXL trainer records; UIs read it to tell SDXL LoRAs apart
+            metadata["ss_base_model_version"] = KOHYA_SDXL_MODEL_VERSION
         if adapter.base_model:
             metadata["ss_sd_model_name"] = adapter.base_model
     if adapter.base_model:
@@ -155,16 +287,23 @@ def adapter_state_dict(adapter: LoraAdapter, format: str = "diffusers") -> tuple
 
 
 def save_adapter(
-    adapter: LoraAdapter, path: str | os.PathLike, format: str = "diffusers", dtype: Any = np.float32
+    adapter: LoraAdapter,
+    path: str | os.PathLike,
+    format: str = "diffusers",
+    dtype: Any = np.float32,
+    base_params: dict[str, Params] | None = None,
 ) -> str:
-    """Write an adapter file atomically (a folder gets the format's usual file name); return the file path."""
+    """Write an adapter file atomically (a folder gets the format's usual file name); return the file path.
+
+    kohya SDXL files need `base_params` (the pipeline's params), as `adapter_state_dict` says.
+    """
     from safetensors.numpy import save_file
 
     target = Path(path)
     if target.suffix != ".safetensors":
         target = target / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tensors, metadata = adapter_state_dict(adapter, format)
+    tensors, metadata = adapter_state_dict(adapter, format, base_params)
     # C order: safetensors writes raw memory, and transposed views are not C-contiguous; 0-d alphas stay 0-d.
     tensors = {k: np.array(v, dtype=dtype, order="C") for k, v in tensors.items()}
     # Write beside the target and rename: a crash or a full disk never leaves a half-written adapter.
@@ -247,21 +386,66 @@ def read_adapter_base_model(path: str | os.PathLike) -> str | None:
     return metadata.get(BASE_MODEL_KEY) or metadata.get("ss_sd_model_name") or None
 
 
-def _module_tables(base_params: dict[str, Params]) -> dict[str, tuple[str, ModulePath, tuple[int, ...]]]:
-    """Every name a module may have in a file -> (component, Flax path, kernel shape)."""
-    table = {}
+Entry = tuple[str, ModulePath, tuple[int, ...]]  # (component, Flax path, kernel shape)
+
+
+def _module_tables(base_params: dict[str, Params]) -> dict[str, list[Entry]]:
+    """Every name a module may have in a file -> the modules of that name (several only for SDXL's bare CLIP names)."""
+    sdxl = "text_encoder_2" in base_params
+    table: dict[str, list[Entry]] = {}
     for component, params in base_params.items():
         if component not in DIFFUSERS_PREFIX:
             continue
+        sgm = sgm_module_names(params) if component == "unet" else {}
         for path, shape in linear_modules(params).items():
             entry = (component, path, shape)
+            names = set()
             # Bare names are what PEFT writes for one model; a CLIP module has one with and one without
             # `text_model.` (transformers 4.x and 5.x layouts).
             for pt_path in _pattern_names(path):
-                table[f"{DIFFUSERS_PREFIX[component]}.{pt_path}"] = entry
-                table[pt_path] = entry
-            table[f"{KOHYA_PREFIX[component]}_{pt_module_path(path).replace('.', '_')}"] = entry
+                names |= {f"{DIFFUSERS_PREFIX[component]}.{pt_path}", pt_path}
+            for kohya_path in (pt_module_path(path),) + sgm.get(pt_module_path(path), ()):
+                names |= {f"{prefix}_{kohya_path.replace('.', '_')}" for prefix in _kohya_prefixes(component, sdxl)}
+            for name in names:
+                table.setdefault(name, []).append(entry)
     return table
+
+
+def _fits(parts: dict[str, np.ndarray], kernel_shape: tuple[int, ...]) -> bool:
+    """Whether a module's down/up weights have the fan-in/fan-out of this kernel (PyTorch layout: down (r, in))."""
+    down, up = parts.get("down"), parts.get("up")
+    return (down is None or (down.ndim >= 2 and down.shape[1] == kernel_shape[-2])) and (
+        up is None or (up.ndim >= 2 and up.shape[0] == kernel_shape[-1])
+    )
+
+
+def _resolve_modules(found: dict[str, dict[str, np.ndarray]], table: dict[str, list[Entry]], file: Path) -> dict[str, Entry]:
+    """The module each name of a file means; names two models share go to the one model all of them fit.
+
+    Bare PEFT names (`text_model.encoder.layers.0.self_attn.q_proj`) are in both of SDXL's text encoders; a file of
+    one model's adapter fits only one of them by width.
+    """
+    resolved = {name: table[name][0] for name in found if len(table[name]) == 1}
+    shared = [name for name in found if len(table[name]) > 1]
+    if not shared:
+        return resolved
+    components = sorted({entry[0] for name in shared for entry in table[name]})
+    fitting = set(components)
+    for name in shared:
+        fitting &= {entry[0] for entry in table[name] if _fits(found[name], entry[2])}
+    if len(fitting) != 1:
+        kernels = {entry[0]: entry[2] for entry in table[shared[0]]}
+        shapes = {role: tuple(array.shape) for role, array in found[shared[0]].items() if role != "alpha"}
+        why = "several fit every such key by shape" if fitting else "none fits every such key by shape"
+        raise AdapterFormatError(
+            f"{file}: key names without a component prefix (e.g. {shared[0]!r}, weights {shapes}) name modules of "
+            f"{components} (Flax kernels, (in, out): {kernels}), and {why}; is this LoRA for another model? "
+            f"(Prefixed keys, e.g. `text_encoder_2.`, name the component.)"
+        )
+    (component,) = fitting
+    for name in shared:
+        resolved[name] = next(entry for entry in table[name] if entry[0] == component)
+    return resolved
 
 
 def _pattern_names(path: ModulePath) -> tuple[str, ...]:
@@ -288,12 +472,39 @@ def _split_key(key: str, file: Path) -> tuple[str, str, str]:
     )
 
 
-def _unknown_module_error(file: Path, key: str, name: str) -> AdapterFormatError:
+def _natural(text: str) -> tuple[int, int | str]:
+    """Sort key putting block numbers in numeric order."""
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def _nearest_names(name: str, table: dict[str, list[Entry]]) -> str:
+    """What the base model has where a module name stops matching: `after 'unet.down_blocks.0.' it has resnets, ...`."""
+    parts = re.split(r"([._])", name)  # names, then the separator after each
+    for count in range(len(parts) // 2, 0, -1):
+        prefix = "".join(parts[: 2 * count])
+        following = {re.split(r"[._]", other[len(prefix) :], maxsplit=1)[0] for other in table if other.startswith(prefix)}
+        if following:
+            listed = sorted(following, key=_natural)
+            more = f" and {len(listed) - 12} more" if len(listed) > 12 else ""
+            return f"the base model has no {prefix + parts[2 * count]!r}: after {prefix!r} it has {', '.join(listed[:12])}{more}"
+    return "the base model has no module of that name"
+
+
+def _unknown_module_error(
+    file: Path, key: str, name: str, table: dict[str, list[Entry]], base_params: dict[str, Params]
+) -> AdapterFormatError:
     """The error for a key whose module the base model lacks, with the likeliest reason."""
-    if name.startswith(("text_encoder_2.", "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_")):
-        why = "its name is an SDXL one (second text encoder or SGM block names); the base model is not SDXL"
+    if "text_encoder_2" not in base_params and name.startswith(("text_encoder_2.", "lora_te2_", "lora_te1_")):
+        if name.startswith("lora_te1_"):
+            what = "lora_te1_ keys are SDXL's first text encoder, in a file for two"
+        else:
+            what = "text_encoder_2 keys but the base model has one text encoder"
+        why = f"its name is an SDXL one ({what}): the base model is not SDXL"
     else:
-        why = "is this LoRA for another model (SD 1.x, 2.x and SDXL differ in blocks, widths and text encoders)?"
+        why = (
+            f"{_nearest_names(name, table)}; is this LoRA for another model (SD 1.x, 2.x and SDXL differ in blocks, "
+            "widths and text encoders)?"
+        )
     return AdapterFormatError(f"{file}: key {key!r} names module {name!r}, which the base model does not have; {why}")
 
 
@@ -413,28 +624,47 @@ def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> Lor
     table = _module_tables(base_params)
     peft_configs = _peft_configs(file, metadata)
     found: dict[str, dict[str, np.ndarray]] = {}
-    unet_styles = set()
+    styles: dict[str, str] = {}
     for key, value in tensors.items():
         name, role, style = _split_key(key, file)
         name = name.removeprefix(PEFT_PREFIX)
         if name not in table:
-            raise _unknown_module_error(file, key, name)
+            raise _unknown_module_error(file, key, name, table, base_params)
         found.setdefault(name, {})[role] = value
-        if table[name][0] == "unet":
-            unet_styles.add(style)
+        if role != "alpha":
+            styles[name] = style
     if not found:
         raise AdapterFormatError(f"{file} holds no LoRA weights")
-    if {"peft", "diffusers"} <= unet_styles:
+    entries = _resolve_modules(found, table, file)
+    unet_names = [name for name in found if entries[name][0] == "unet"]
+    if {"peft", "diffusers"} <= {styles.get(name) for name in unet_names}:
         # diffusers converts a UNet's keys by the style of the first one, so the other style's modules can be lost.
         logger.warning(
             "%s: its UNet keys mix PEFT (lora_A/lora_B) and diffusers (lora.down/lora.up) names; flax-lora applies "
             "all of them, but PyTorch diffusers' load_lora_weights may apply only the modules named like the first key",
             file,
         )
+    sgm = [name for name in unet_names if re.search(r"input_blocks|middle_block|output_blocks", name)]
+    if sgm and len(sgm) < len(unet_names) and any(re.search(r"down_blocks|mid_block|up_blocks", n) for n in unet_names):
+        # diffusers' kohya loader drops every SGM-named key of a file that also has diffusers block names.
+        logger.warning(
+            "%s: its UNet keys mix SGM (input_blocks/middle_block/output_blocks) and diffusers (down_blocks/...) block "
+            "names; flax-lora applies all of them, but PyTorch diffusers' load_lora_weights drops the %d SGM-named modules",
+            file,
+            len(sgm),
+        )
 
     modules: dict[str, dict[ModulePath, tuple[np.ndarray, np.ndarray, float]]] = {}
+    named: dict[tuple[str, ModulePath], str] = {}
     for name, parts in found.items():
-        component, flax_path, kernel_shape = table[name]
+        component, flax_path, kernel_shape = entries[name]
+        # Several spellings reach one module (SGM and diffusers names, lora_te_ and lora_te1_): one of them only.
+        if (component, flax_path) in named:
+            raise AdapterFormatError(
+                f"{file}: modules {named[component, flax_path]!r} and {name!r} are the same {component} module "
+                f"{pt_module_path(flax_path)!r}; expected one LoRA per module"
+            )
+        named[component, flax_path] = name
         if "down" not in parts or "up" not in parts:
             raise AdapterFormatError(f"{file}: module {name!r} has {sorted(parts)} but needs both down and up weights")
         down = _flax_layout(parts["down"], kernel_shape, "down", name + " down", file)

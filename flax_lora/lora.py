@@ -185,12 +185,14 @@ def new_adapter(
     unet_config: LoraConfig,
     text_encoder_config: LoraConfig | None = None,
     base_model: str | None = None,
+    text_encoder_2_config: LoraConfig | None = None,
 ) -> LoraAdapter:
-    """A fresh adapter for a pipeline's UNet (and optionally its text encoder)."""
-    unet_rng, text_rng = jax.random.split(rng)
-    params = {"unet": init_lora(unet_rng, pipe_params["unet"], unet_config)}
-    configs = {"unet": unet_config}
-    if text_encoder_config is not None:
-        params["text_encoder"] = init_lora(text_rng, pipe_params["text_encoder"], text_encoder_config)
-        configs["text_encoder"] = text_encoder_config
+    """A fresh adapter for a pipeline's UNet and optionally its text encoder(s) (SDXL's `text_encoder_2` too)."""
+    wanted = {"unet": unet_config, "text_encoder": text_encoder_config, "text_encoder_2": text_encoder_2_config}
+    configs = {component: config for component, config in wanted.items() if config is not None}
+    if "text_encoder_2" in configs and "text_encoder_2" not in pipe_params:
+        raise ValueError("a text_encoder_2 LoRA needs a pipeline with a second text encoder (SDXL)")
+    unet_rng, text_rng = jax.random.split(rng)  # the split SD 1.x/2.x runs always used, so their adapters stay the same
+    keys = {"unet": unet_rng, "text_encoder": text_rng, "text_encoder_2": jax.random.fold_in(rng, 2)}
+    params = {component: init_lora(keys[component], pipe_params[component], config) for component, config in configs.items()}
     return LoraAdapter(params=params, configs=configs, base_model=base_model)

@@ -134,32 +134,55 @@ def _lora_warnings():
     records[:] = [r for r in records if re.search(r"lora|adapter|target|unexpected|missing", r, re.IGNORECASE)]
 
 
-def torch_peft_pipeline(path, unet_peft=UNET_PEFT, text_peft=TEXT_PEFT):
-    """A PyTorch pipeline with random PEFT adapters of these configs on its UNet and text encoder."""
+def torch_peft_pipeline(path, unet_peft=UNET_PEFT, text_peft=TEXT_PEFT, text_2_peft=None):
+    """A PyTorch pipeline with random PEFT adapters of these configs on its UNet and text encoder.
+
+    With `text_2_peft` it is an SDXL pipeline with a third adapter on text_encoder_2, whose config comes back last.
+    """
+    from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     torch.manual_seed(0)
-    torch_pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    if text_2_peft is None:
+        torch_pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    else:
+        torch_pipe = StableDiffusionXLPipeline.from_pretrained(path)
     unet_config, text_config = PeftLoraConfig(**unet_peft), PeftLoraConfig(**text_peft)
     torch_pipe.unet.add_adapter(unet_config)
     # transformers 5's own add_adapter wants peft>=0.22; peft's injection is what it calls underneath.
     inject_adapter_in_model(text_config, torch_pipe.text_encoder)
-    return torch_pipe, unet_config, text_config
+    if text_2_peft is None:
+        return torch_pipe, unet_config, text_config
+    text_2_config = PeftLoraConfig(**text_2_peft)
+    inject_adapter_in_model(text_2_config, torch_pipe.text_encoder_2)
+    return torch_pipe, unet_config, text_config, text_2_config
 
 
-def save_peft_lora(torch_pipe, unet_config, text_config, folder) -> None:
-    """What diffusers' training scripts save for PEFT adapters: save_lora_weights with both configs in the header."""
+def save_peft_lora(torch_pipe, unet_config, text_config, folder, text_2_config=None) -> None:
+    """What diffusers' training scripts save for PEFT adapters: save_lora_weights with every config in the header."""
+    from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.unet)),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(torch_pipe.text_encoder)),
+    def layers(model):
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+    kwargs = dict(
+        unet_lora_layers=layers(torch_pipe.unet),
+        text_encoder_lora_layers=layers(torch_pipe.text_encoder),
         unet_lora_adapter_metadata=unet_config.to_dict(),
         text_encoder_lora_adapter_metadata=text_config.to_dict(),
     )
+    if text_2_config is None:
+        StableDiffusionPipeline.save_lora_weights(folder, **kwargs)
+    else:
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder,
+            **kwargs,
+            text_encoder_2_lora_layers=layers(torch_pipe.text_encoder_2),
+            text_encoder_2_lora_adapter_metadata=text_2_config.to_dict(),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- export

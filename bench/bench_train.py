@@ -18,6 +18,11 @@ Design:
   does. `--huge_pages` (default on) sets the same glibc huge-page tunable for both.
 - The flax UNet is the class `flax_lora.loading` builds (`unet_class()`: exact GELU and PyTorch's GroupNorm
   numerics), so both frameworks compute the same function.
+- `--compile_only` runs nothing: it builds the project's train step from abstract shapes (`jax.eval_shape`,
+  `jax.ShapeDtypeStruct` with shardings; no weights, no big allocation), compiles it for N fake CPU devices (one
+  subprocess per row, the device count set before JAX starts) with and without --fsdp and --gradient_checkpointing,
+  and reports XLA's per-device `memory_analysis()`. It answers "does this fit on a 16 GB / 80 GB chip?" for real
+  sizes (`--config sdxl`) on any machine; XLA:GPU/TPU schedule differently, so it is an estimate (bench/README.md).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import resource
 import subprocess
@@ -48,6 +54,8 @@ CPU_SECONDS = {
     "small": {"flax": (90.0, 2.0), "torch": (30.0, 1.0)},
 }
 FRAMEWORKS = ("flax", "torch")
+# --compile_only: seconds to trace, lower and compile one row (bf16, batch 1 per device) on the 2-core CPU VM.
+COMPILE_SECONDS = {"tiny": 10, "small": 30}
 
 _CROSS3 = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _UP3 = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -99,14 +107,42 @@ UNET_CONFIGS: dict[str, dict] = {
         ),
         text_len=77,
     ),
+    # The real SDXL base UNet (2.6 B params), 128x128 latents (1024 px): --compile_only (no SDXL timing workers).
+    "sdxl": dict(
+        unet=dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        text_len=77,
+        pooled_dim=1280,  # text_embeds: the second encoder's projected pooled output; time_ids add 6 x 256
+    ),
 }
+COMPILE_ONLY_CONFIGS = ("sdxl",)  # no timing workers: the batch needs SDXL's pooled embeddings and size ids
+ON_OFF = ("off", "on")
 
 
 @dataclass
 class BenchConfig:
     """One benchmark run: the model, the work per step and the options tried on each side."""
 
-    config: str = _f("small", "UNet config: tiny (smoke test), small (CPU), sd15 (the real SD 1.5 UNet, for a GPU).", tuple(UNET_CONFIGS))
+    config: str = _f(
+        "small",
+        "UNet config: tiny (smoke test), small (CPU), sd15 (the real SD 1.5 UNet, for a GPU), sdxl (the real SDXL UNet; "
+        "--compile_only).",
+        tuple(UNET_CONFIGS),
+    )
     steps: int = _f(20, "Timed steps.")
     warmup: int = _f(2, "Untimed steps after the first (compiling) one.")
     batch: int = _f(2, "Images per step.")
@@ -139,8 +175,18 @@ class BenchConfig:
     xla_flags: str = _f("", "Extra XLA_FLAGS for the flax worker.")
     peak_tflops: float = _f(989.0, "Accelerator peak TFLOP/s for MFU (989 = H100 dense bf16).")
     frameworks: str = _f("flax,torch", "Comma-separated frameworks to run.")
-    out: str = _f("", "JSON path; default bench/results/<config>-<device>.json.")
+    out: str = _f("", "JSON path; default bench/results/<config>-<device>.json (--compile_only: <config>-compile.json).")
     seed: int = _f(0, "Seed of weights and inputs.")
+    compile_only: bool = _f(
+        False,
+        "Run nothing: build the project's train step from shapes only, compile it for fake CPU devices and report "
+        "XLA's memory analysis per device (arguments, outputs, temporaries, code), one row per combination of "
+        "--devices, --fsdp, --gradient_checkpointing and --batch_per_device.",
+    )
+    devices: str = _f("1,4,8", "--compile_only: fake CPU device counts to compile for, comma-separated.")
+    fsdp: str = _f("1,4", "--compile_only: the trainer's --fsdp values to try, comma-separated (each that divides the devices).")
+    gradient_checkpointing: str = _f("off,on", "--compile_only: the trainer's --gradient_checkpointing off and/or on.")
+    batch_per_device: str = _f("1", "--compile_only: images per device, comma-separated (the global batch is this x devices).")
 
     def __post_init__(self):
         check_choices(self)
@@ -154,15 +200,38 @@ class BenchConfig:
             raise ValueError(f"--threads {self.threads}: this process may use {cores} cores (0 = all)")
         if self.uses_project_step and self.flax_cpu_devices and self.batch % self.flax_cpu_devices:
             raise ValueError(f"--batch {self.batch} does not split over --flax_cpu_devices {self.flax_cpu_devices}")
+        if self.config in COMPILE_ONLY_CONFIGS and not self.compile_only:
+            raise ValueError(f"--config {self.config} runs with --compile_only only (its timing workers are not written)")
+        if self.compile_only:
+            for name in ("devices", "fsdp", "batch_per_device"):
+                values = getattr(self, name).replace(" ", "").split(",")
+                if not all(v.isdigit() and int(v) > 0 for v in values):
+                    raise ValueError(f"--{name} {getattr(self, name)!r}: expected comma-separated positive integers")
+            if not set(_csv(self.gradient_checkpointing)) <= set(ON_OFF) or not _csv(self.gradient_checkpointing):
+                raise ValueError(f"--gradient_checkpointing {self.gradient_checkpointing!r}: expected off, on or off,on")
+            if not self.compile_rows():
+                raise ValueError(f"no --fsdp value in {self.fsdp!r} divides a device count in {self.devices!r}")
 
     @property
     def framework_list(self) -> list[str]:
         return [f.strip() for f in self.frameworks.split(",") if f.strip()]
 
+    def compile_rows(self) -> list[dict]:
+        """--compile_only: one row per (devices, fsdp dividing them, remat, images per device)."""
+        return [
+            dict(devices=n, fsdp=f, remat=r == "on", batch_per_device=b)
+            for n in map(int, _csv(self.devices)) for f in map(int, _csv(self.fsdp)) if n % f == 0
+            for r in _csv(self.gradient_checkpointing) for b in map(int, _csv(self.batch_per_device))
+        ]  # fmt: skip
+
     @property
     def uses_project_step(self) -> bool:
         """The flax side runs flax_lora.train.make_train_step (else this file's local step)."""
         return self.flax_step == "project" and self.lora_mode == "unmerged"
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def sd15_alphas_cumprod():
@@ -477,6 +546,153 @@ def run_torch(cfg: BenchConfig) -> dict:
     )
 
 
+# --------------------------------------------------------------------------------- compile-only worker
+
+MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+
+
+def _abstract(tree, dtype=None):
+    """jax.ShapeDtypeStruct leaves of a tree of arrays or structs, floating ones in `dtype` when given."""
+    import jax
+    import jax.numpy as jnp
+
+    def leaf(x):
+        cast = dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(x.shape, dtype if cast else x.dtype)
+
+    return jax.tree.map(leaf, tree)
+
+
+def run_compile(cfg: BenchConfig, row: dict) -> dict:
+    """Compile the project's train step for one row from shapes only; returns XLA's memory analysis per device."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from flax_lora.loading import SDPipeline
+    from flax_lora.lora import LoraConfig, UNET_TARGETS, init_lora
+    from flax_lora.models.unet import UNet2DConditionModel, UNetConfig, init_shapes
+    from flax_lora.models.vae import AutoencoderKL, VAEConfig
+    from flax_lora.sharding import batch_sharding, make_mesh
+    from flax_lora.train import NoiseSchedule, create_train_state, make_train_step
+
+    if jax.device_count() != row["devices"]:
+        raise RuntimeError(f"expected {row['devices']} CPU devices, JAX has {jax.device_count()} (XLA_FLAGS?)")
+    compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    attention = "chunked" if cfg.flax_attention == "memory_efficient" else "xla"
+    spec = UNET_CONFIGS[cfg.config]
+    unet_cfg = UNetConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(cfg).items()})
+    unet = UNet2DConditionModel(unet_cfg, dtype=compute_dtype, attention=attention, remat=row["remat"])
+    lora_config = LoraConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=UNET_TARGETS)
+    # Shapes only: the base as the trainer holds it (compute dtype), LoRA and Adam state in float32.
+    base = _abstract(init_shapes(unet_cfg), compute_dtype)
+    lora = jax.eval_shape(lambda key: init_lora(key, base, lora_config), jax.random.key(0))
+    mesh = make_mesh(fsdp=row["fsdp"])
+    vae = AutoencoderKL(VAEConfig.from_dict({"scaling_factor": 0.13025 if unet_cfg.addition_embed_type else 0.18215}, "bench"))
+    pipe = SDPipeline(unet=unet, text_encoder=None, vae=vae, tokenizer=None, scheduler_config={}, params={},
+                      path="", name="bench")  # fmt: skip
+    optimizer = optax.adamw(cfg.learning_rate)
+    schedule = NoiseSchedule(sd15_alphas_cumprod(), "epsilon")
+    step = make_train_step(pipe, {"unet": lora_config}, optimizer, schedule, mesh, base_params={"unet": base},
+                           compute_dtype=compute_dtype)  # fmt: skip
+    state = create_train_state({"unet": lora}, optimizer, cfg.seed, mesh)
+    global_batch = row["batch_per_device"] * row["devices"]
+    lat_shape, emb_shape = _input_shapes(dataclasses.replace(cfg, batch=global_batch))
+    shapes = {"latent_mean": lat_shape, "latent_std": lat_shape, "text_embeddings": emb_shape}
+    if "pooled_dim" in spec:
+        shapes.update(pooled_text_embeddings=(global_batch, spec["pooled_dim"]), time_ids=(global_batch, 6))
+    sharding = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((1,) + v, jnp.float32, sharding=sharding) for k, v in shapes.items()}  # accum 1
+
+    t0 = time.perf_counter()
+    lowered = step.jitted.lower(state, step.base_params, batch)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    stats = compiled.memory_analysis()
+    memory = {f: int(getattr(stats, f"{f}_size_in_bytes")) for f in MEMORY_FIELDS}
+    # Device buffers at the peak: inputs stay alive, donated inputs share their outputs' buffers (alias).
+    memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+
+    def per_device(tree) -> int:
+        return int(sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree)))
+
+    return dict(
+        **row,
+        global_batch=global_batch,
+        precision=cfg.precision,
+        attention=cfg.flax_attention,
+        memory_bytes=memory,
+        base_bytes_per_device=per_device(step.base_params),
+        state_bytes_per_device=per_device(state),
+        base_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(base))),
+        lora_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(lora))),
+        lower_s=lower_s,
+        compile_s=compile_s,
+        cpu_cores=len(os.sched_getaffinity(0)),
+        versions={"jax": jax.__version__},
+    )
+
+
+def run_compile_worker(cfg: BenchConfig, row: dict) -> dict:
+    """One --compile_only row in a fresh subprocess with `devices` fake CPU devices (set before JAX starts)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={row['devices']}"] + cfg.xla_flags.split())
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile for real: a cache hit would skip what is measured
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--worker", "compile", "--worker_out", str(result_path),
+               "--spec", json.dumps(dataclasses.asdict(cfg)), "--row", json.dumps(row)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not result_path.exists():
+            raise RuntimeError(f"compile worker {row} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(result_path.read_text())
+
+
+def _row_label(r: dict) -> list[str]:
+    return [str(r["devices"]), str(r["fsdp"]), "on" if r["remat"] else "off", str(r["batch_per_device"])]
+
+
+def format_compile_table(summary: dict) -> str:
+    """A plain-text table of the --compile_only rows: XLA's memory per device in GiB."""
+    cols = ["devices", "fsdp", "remat", "batch/dev", "arguments", "outputs", "aliased", "temp", "code", "total GiB",
+            "base/dev", "compile s"]  # fmt: skip
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    rows = []
+    for r in summary["rows"]:
+        m = r["memory_bytes"]
+        rows.append(_row_label(r) + [gib(m[f]) for f in MEMORY_FIELDS] + [gib(m["total"]), gib(r["base_bytes_per_device"]),
+                                                                           f"{r['compile_s']:.0f}"])  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    line = lambda xs: "  ".join(str(x).rjust(w) for x, w in zip(xs, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run_compile_bench(cfg: BenchConfig) -> tuple[dict, Path]:
+    """Compile every --compile_only row in its own subprocess, write the JSON and return (summary, its path)."""
+    check_output(cfg)
+    rows = cfg.compile_rows()
+    print(f"[bench] compile-only: {len(rows)} rows of --config {cfg.config}, each compiled in a fresh process "
+          f"({COMPILE_SECONDS.get(cfg.config, 'unmeasured')} s each on the project's 2-core CPU VM)", file=sys.stderr, flush=True)  # fmt: skip
+    results = []
+    for row in rows:
+        t0 = time.perf_counter()
+        results.append(run_compile_worker(cfg, row))
+        m = results[-1]["memory_bytes"]
+        print(f"[bench] devices={row['devices']} fsdp={row['fsdp']} remat={row['remat']} batch/device="
+              f"{row['batch_per_device']}: {m['total'] / 2**30:.2f} GiB per device ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    summary = {"bench": dataclasses.asdict(cfg), "platform": "cpu (compile only)", "rows": results}
+    out = output_path(cfg, "cpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    return summary, out
+
+
 # ---------------------------------------------------------------------------------------------- parent
 
 
@@ -557,8 +773,10 @@ def format_table(summary: dict) -> str:
 
 
 def output_path(cfg: BenchConfig, platform: str) -> Path:
-    """Where the JSON goes: --out, or bench/results/<config>-<platform>.json."""
-    return Path(cfg.out) if cfg.out else RESULTS_DIR / f"{cfg.config}-{platform}.json"
+    """Where the JSON goes: --out, or bench/results/<config>-<platform>.json (<config>-compile.json)."""
+    if cfg.out:
+        return Path(cfg.out)
+    return RESULTS_DIR / (f"{cfg.config}-compile.json" if cfg.compile_only else f"{cfg.config}-{platform}.json")
 
 
 def check_output(cfg: BenchConfig) -> None:
@@ -613,9 +831,10 @@ def run_bench(cfg: BenchConfig) -> tuple[dict, Path]:
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig | None, argparse.Namespace]:
     """Flags generated from BenchConfig, plus the hidden worker flags."""
     parser = build_parser(BenchConfig, __doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=FRAMEWORKS + ("compile",), help=argparse.SUPPRESS)
     parser.add_argument("--worker_out", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spec:
         return BenchConfig(**json.loads(args.spec)), args
@@ -628,9 +847,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig | None, argpa
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark (or, with the hidden --worker flag, one framework's side of it); user errors are one line."""
     cfg, args = parse_args(argv)
+    if args.worker == "compile":
+        Path(args.worker_out).write_text(json.dumps(run_compile(cfg, json.loads(args.row))))
+        return
     if args.worker:
         result = exit_on_user_error(lambda: {"flax": run_flax, "torch": run_torch}[args.worker](cfg))
         Path(args.worker_out).write_text(json.dumps(result))
+        return
+    if cfg.compile_only:
+        summary, out = exit_on_user_error(lambda: run_compile_bench(cfg))
+        print(format_compile_table(summary))
+        print(f"JSON written to {out}")
         return
     summary, out = exit_on_user_error(lambda: run_bench(cfg))
     print(format_table(summary))

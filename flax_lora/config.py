@@ -70,6 +70,11 @@ class TrainConfig:
     )
     revision: str | None = _f(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
     variant: str | None = _f(None, "Variant of the model files, e.g. 'fp16'.")
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None,
+        "Hub id or local folder of another VAE (an AutoencoderKL) to use instead of the pipeline's, e.g. "
+        "madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.",
+    )
 
     # Data
     dataset_name: str | None = _f(
@@ -152,6 +157,11 @@ class TrainConfig:
         "and optimizer state stay float32.",
         MIXED_PRECISION,
     )
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute each UNet resnet and transformer layer in the backward pass instead of storing its activations "
+        "(diffusers' flag): much less memory for about one more forward pass per step; same results.",
+    )
 
     # LoRA
     rank: int = _f(4, "LoRA rank.")
@@ -195,6 +205,13 @@ class TrainConfig:
     num_processes: int | None = _f(None, "Number of processes of a multi-process run.")
     process_id: int | None = _f(None, "Index of this process in a multi-process run.")
     multihost: bool = _f(False, "Call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM).")
+    fsdp: int = _f(
+        1,
+        "Shard the frozen base weights over groups of this many devices (FSDP): each device stores 1/N of every "
+        "large weight and gathers a layer's weights when it runs it, while the batch stays split over all devices. "
+        "Must divide the device count; 1 keeps a full copy on every device. LoRA weights and optimizer state stay "
+        "replicated (70 MB for SDXL at rank 4).",
+    )
     compilation_cache_dir: str = _f(DEFAULT_COMPILATION_CACHE, _CACHE_HELP)
 
     def __post_init__(self):
@@ -209,7 +226,7 @@ class TrainConfig:
         at_least = {
             1: ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs", "max_train_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
-                "num_inference_steps", "lr_num_cycles"),
+                "num_inference_steps", "lr_num_cycles", "fsdp"),
             0: ("num_cpu_devices", "dataloader_num_workers", "num_validation_images", "lr_warmup_steps"),
         }  # fmt: skip
         for minimum, names in at_least.items():
@@ -262,6 +279,9 @@ class InferConfig:
     )
     revision: str | None = _f(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
     variant: str | None = _f(None, "Variant of the model files, e.g. 'fp16'.")
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "Hub id or local folder of another VAE (an AutoencoderKL) to decode with, e.g. SDXL's fp16-fix VAE."
+    )
     lora: list[str] = _f((), "Adapter file or folder (diffusers, PEFT or kohya .safetensors); repeat for several.")
     lora_scale: list[float] = _f(
         (), "Scale of each --lora, in the same order (one value applies to all; default 1.0)."

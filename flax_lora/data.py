@@ -279,21 +279,47 @@ def build_tiny_dataset(out_dir: str, num_images: int = 24, resolution: int = 64,
 def preprocess_image(
     img: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
 ) -> np.ndarray:
-    """Resize (shorter side), crop and flip like diffusers' script; return float32 CHW in [-1, 1]."""
+    """Resize (shorter side), flip and crop like diffusers' script; return float32 CHW in [-1, 1]."""
+    return crop_image(img, resolution, center_crop, random_flip, rng)[0]
+
+
+def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `resolution`, as torchvision's Resize(int) (long side truncated)."""
+    if w <= h:
+        return resolution, int(resolution * h / w)
+    return int(resolution * w / h), resolution
+
+
+def mirrored_size_ids(size_ids: np.ndarray) -> np.ndarray:
+    """The size ids of the horizontally flipped crop: the same region, its left edge measured in the flipped image."""
+    h, w, top, left, target_h, target_w = size_ids
+    new_w, _ = resized_size(int(w), int(h), int(target_w))
+    return np.array([h, w, top, new_w - target_w - left, target_h, target_w], np.float32)
+
+
+def crop_image(
+    img: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """`preprocess_image`'s pixels and SDXL's size ids (original h, w, crop top, left, target h, w), float32.
+
+    As diffusers' SDXL script: the crop's top-left is measured in the resized (and flipped) image, and the
+    centre crop rounds as torchvision's CenterCrop does.
+    """
     w, h = img.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    new_w, new_h = resized_size(w, h, resolution)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.BILINEAR)
     if center_crop:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+        left, top = int(round((new_w - resolution) / 2)), int(round((new_h - resolution) / 2))
     else:
         left = int(rng.integers(0, new_w - resolution + 1))
         top = int(rng.integers(0, new_h - resolution + 1))
-    arr = np.asarray(img, dtype=np.float32)[top : top + resolution, left : left + resolution]
-    if random_flip and rng.random() < 0.5:
+    arr = np.asarray(img, dtype=np.float32)
+    if random_flip and rng.random() < 0.5:  # before the crop, as diffusers: the crop's left is in the flipped image
         arr = arr[:, ::-1]
-    return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1))
+    arr = arr[top : top + resolution, left : left + resolution]
+    size_ids = np.array([h, w, top, left, resolution, resolution], np.float32)
+    return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1)), size_ids
 
 
 # --------------------------------------------------------------------------------------------- loader
@@ -305,7 +331,9 @@ class BatchLoader:
 
     Without a cache it yields `pixel_values` (float32, 3xRxR) and `input_ids`; with `latent_cache`
     (n, flips, 2, C, h, w: mean and std of the VAE posterior) it yields `latent_mean`/`latent_std`, and
-    with `text_cache` (n, L, D) `text_embeddings` instead of `input_ids`.
+    with `text_cache` ({name: (n, ...)}, e.g. `text_embeddings`) those arrays instead of `input_ids`.
+    SDXL loaders (`tokenizer_2` set) add `input_ids_2` and `time_ids` (n, 6: original size, crop top-left,
+    target size of each example as it was cropped; `time_ids_cache` (n, flips, 6) with cached latents).
     """
 
     data: CaptionedImages
@@ -320,7 +348,9 @@ class BatchLoader:
     skip_bad_images: bool = True
     num_workers: int = 0
     latent_cache: np.ndarray | None = None
-    text_cache: np.ndarray | None = None
+    text_cache: dict[str, np.ndarray] | None = None
+    tokenizer_2: Any = None
+    time_ids_cache: np.ndarray | None = None
     valid: np.ndarray | None = None  # indices usable for training (cached mode drops bad images up front)
     bad_images: set = field(default_factory=set)
     _perms: dict = field(default_factory=dict)
@@ -350,7 +380,7 @@ class BatchLoader:
         n = len(self.valid)
         return int(self._perm(position // n)[position % n])
 
-    def _load_pixels(self, position: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    def _load_pixels(self, position: int, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray]:
         """Decode and preprocess the image at `position`; a bad image is replaced by the next good one."""
         n = len(self.valid)
         for k in range(n):
@@ -365,23 +395,26 @@ class BatchLoader:
                 self.bad_images.add(idx)
                 logger.warning("skipping %s (%d unreadable so far)", e, len(self.bad_images))
                 continue
-            return idx, preprocess_image(img, self.resolution, self.center_crop, self.random_flip, rng)
+            return (idx, *crop_image(img, self.resolution, self.center_crop, self.random_flip, rng))
         raise BadImageError(f"none of the {n} images in {self.data.source} could be read")
 
     def _example(self, position: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, 1, position])
         out = {}
         if self.latent_cache is None:
-            idx, out["pixel_values"] = self._load_pixels(position, rng)
+            idx, out["pixel_values"], time_ids = self._load_pixels(position, rng)
         else:
             idx = self.example_at(position)
             flip = int(self.random_flip and rng.random() < 0.5)
             out["latent_mean"], out["latent_std"] = self.latent_cache[idx, flip]
+            time_ids = None if self.time_ids_cache is None else self.time_ids_cache[idx, flip]
+        if self.tokenizer_2 is not None:
+            out["time_ids"] = time_ids
         if self.text_cache is None:
             caps = self.data.captions(idx)
             out["caption"] = caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0]
         else:
-            out["text_embeddings"] = self.text_cache[idx]
+            out.update({name: table[idx] for name, table in self.text_cache.items()})
         return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -394,11 +427,14 @@ class BatchLoader:
         out = {}
         for key in examples[0]:
             if key == "caption":
-                out["input_ids"] = self.tokenizer([e["caption"] for e in examples])
-                key_out, arr = "input_ids", out["input_ids"]
+                captions = [e["caption"] for e in examples]
+                arrays = {"input_ids": self.tokenizer(captions)}
+                if self.tokenizer_2 is not None:
+                    arrays["input_ids_2"] = self.tokenizer_2(captions)
             else:
-                key_out, arr = key, np.stack([e[key] for e in examples])
-            out[key_out] = arr.reshape(self.accum, len(self.rows), *arr.shape[1:])
+                arrays = {key: np.stack([e[key] for e in examples])}
+            for name, arr in arrays.items():
+                out[name] = arr.reshape(self.accum, len(self.rows), *arr.shape[1:])
         return out
 
     def close(self) -> None:

@@ -59,12 +59,11 @@ class LoadedLora:
 
 
 class FlaxLoraPipeline:
-    """Stable Diffusion text-to-image in Flax with LoRA adapters; `__call__` returns images in [0, 1]."""
+    """Stable Diffusion 1.x/2.x/XL text-to-image in Flax with LoRA adapters; `__call__` returns images in [0, 1]."""
 
     def __init__(self, pipe, mesh=None):
         from jax.sharding import NamedSharding, PartitionSpec
 
-        pipe.require_sd("inference")
         self.pipe = pipe
         self.mesh = mesh if mesh is not None else make_mesh()
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -85,11 +84,12 @@ class FlaxLoraPipeline:
         dtype=jnp.float32,
         mesh=None,
         attention: str = "xla",
+        vae: str | None = None,
     ) -> "FlaxLoraPipeline":
-        """Load a diffusers pipeline (hub id or local folder) into Flax."""
+        """Load a diffusers pipeline (hub id or local folder) into Flax; `vae` swaps in another AutoencoderKL."""
         from flax_lora.loading import load_pipeline
 
-        pipe = load_pipeline(name_or_path, revision=revision, variant=variant, dtype=dtype, attention=attention)
+        pipe = load_pipeline(name_or_path, revision=revision, variant=variant, dtype=dtype, attention=attention, vae=vae)
         return cls(pipe, mesh=mesh)
 
     # -- adapters
@@ -130,7 +130,7 @@ class FlaxLoraPipeline:
 
     def _lora_args(self) -> dict[str, list[tuple[Any, jax.Array]]]:
         """(tree, scale) per component of the unfused adapters, as traced jit arguments."""
-        layers: dict[str, list] = {"unet": [], "text_encoder": []}
+        layers: dict[str, list] = {c: [] for c in ("unet", "text_encoder", "text_encoder_2") if c in self.pipe.params}
         for lora in self.loras:
             if lora.fused:
                 continue
@@ -182,6 +182,8 @@ class FlaxLoraPipeline:
         `latents` are unit-variance NCHW initial latents, as diffusers' `pipeline(latents=...)` takes them.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # SDXL without a negative prompt guides away from zero embeddings, as diffusers (force_zeros_for_empty_prompt).
+        zero_uncond = negative_prompt is None and self.pipe.force_zeros_for_empty_prompt
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         else:
@@ -203,17 +205,17 @@ class FlaxLoraPipeline:
         sampler = checked_sampler(self.pipe.scheduler_config, int(num_inference_steps), scheduler)
 
         # diffusers' order: every prompt's images together (prompt 0 x K, prompt 1 x K, ...).
-        cond = np.repeat(self.pipe.tokenizer(prompts), num_images, axis=0)
-        uncond = np.repeat(self.pipe.tokenizer(negatives), num_images, axis=0)
-        batch = cond.shape[0]
+        repeat = lambda ids: {k: np.repeat(v, num_images, axis=0) for k, v in ids.items()}  # noqa: E731
+        cond, uncond = repeat(self.pipe.tokenize(prompts)), repeat(self.pipe.tokenize(negatives))
+        batch = cond["input_ids"].shape[0]
         init = self.prepare_latents(batch, height, width, seed, latents)
         # The batch axis is split over every device: pad it to a multiple of the device count.
         pad = -batch % self.mesh.size
         if pad:
-            cond, uncond, init = (np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in (cond, uncond, init))
+            cond, uncond, init = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]), (cond, uncond, init))
         cond, uncond, init = jax.device_put((cond, uncond, init), self._batch_sharded)
         do_cfg = guidance_scale > 1.0  # as diffusers: guidance 1 or less runs the conditional branch only
-        fn = self._sampling_fn(sampler, do_cfg)
+        fn = self._sampling_fn(sampler, do_cfg, zero_uncond)
         noise_key = jax.random.key_data(jax.random.key(seed + 1))  # per-step noise of ancestral samplers
         images = fn(self.params, self._lora_args(), cond, uncond, init, jnp.float32(guidance_scale), noise_key)
         if not images.is_fully_addressable:  # several processes (e.g. a multi-host trainer): each gets every image
@@ -222,20 +224,33 @@ class FlaxLoraPipeline:
             images = multihost_utils.process_allgather(images, tiled=True)
         return np.asarray(images)[:batch]
 
-    def _sampling_fn(self, sampler: "Sampler", do_cfg: bool) -> Callable:
+    def _sampling_fn(self, sampler: "Sampler", do_cfg: bool, zero_uncond: bool = False) -> Callable:
         """The jitted text-encode / denoise / decode function for these static settings (shapes retrace)."""
-        key = (sampler.name, sampler.num_inference_steps, do_cfg)
+        key = (sampler.name, sampler.num_inference_steps, do_cfg, zero_uncond)
         if key not in self._jitted:
-            fn = lambda *args: self._generate(sampler, do_cfg, *args)  # noqa: E731
+            fn = lambda *args: self._generate(sampler, do_cfg, zero_uncond, *args)  # noqa: E731
             self._jitted[key] = jax.jit(fn, out_shardings=self._batch_sharded)
         return self._jitted[key]
 
-    def _generate(self, sampler, do_cfg, params, loras, cond_ids, uncond_ids, latents, guidance, noise_key):
+    def _generate(self, sampler, do_cfg, zero_uncond, params, loras, cond_ids, uncond_ids, latents, guidance, noise_key):
         """Traced body: encode prompts, run the whole denoising loop in `fori_loop`, decode to images."""
         self.trace_count += 1
         pipe = self.pipe
-        ids = jnp.concatenate([uncond_ids, cond_ids]) if do_cfg else cond_ids
-        embeddings = pipe.encode_text(params, ids, tuple(loras["text_encoder"]))
+        text_lora = {c: tuple(layers) for c, layers in loras.items() if c != "unet"}
+        context, pooled = pipe.encode_prompt(params, cond_ids, text_lora)
+        if do_cfg:
+            if zero_uncond:
+                uncond_context, uncond_pooled = jax.tree.map(jnp.zeros_like, (context, pooled))
+            else:
+                uncond_context, uncond_pooled = pipe.encode_prompt(params, uncond_ids, text_lora)
+            context = jnp.concatenate([uncond_context, context])
+            pooled = None if pooled is None else jnp.concatenate([uncond_pooled, pooled])
+        added = None
+        if pipe.is_sdxl:
+            # diffusers' defaults: original size = target size = the image size, crop top-left (0, 0).
+            height, width = (side * pipe.vae_scale_factor for side in latents.shape[2:])
+            time_ids = jnp.tile(jnp.array([height, width, 0, 0, height, width], jnp.float32), (len(context), 1))
+            added = {"text_embeds": pooled, "time_ids": time_ids}
         timesteps = jnp.asarray(sampler.timesteps)
         latents = latents * sampler.init_noise_sigma
         key = jax.random.wrap_key_data(noise_key)
@@ -244,7 +259,7 @@ class FlaxLoraPipeline:
             sample, state = carry
             model_input = jnp.concatenate([sample, sample]) if do_cfg else sample
             model_input = sampler.scale_model_input(model_input, i)
-            noise = pipe.predict_noise(params, model_input, timesteps[i], embeddings, tuple(loras["unet"]))
+            noise = pipe.predict_noise(params, model_input, timesteps[i], context, tuple(loras["unet"]), added)
             noise = noise.astype(jnp.float32)  # the schedule runs in float32 whatever the compute dtype
             if do_cfg:
                 uncond, text = jnp.split(noise, 2)
@@ -323,7 +338,8 @@ def run(config: InferConfig) -> list[str]:
     latents = None if config.init_latents is None else read_init_latents(config.init_latents)
     dtype = COMPUTE_DTYPES[config.mixed_precision]
     pipeline = FlaxLoraPipeline.from_pretrained(
-        resolve_base_model(config), revision=config.revision, variant=config.variant, dtype=dtype
+        resolve_base_model(config), revision=config.revision, variant=config.variant, dtype=dtype,
+        vae=config.pretrained_vae_model_name_or_path,
     )
     for path, scale in zip(config.lora, config.scales):
         pipeline.load_lora(path, scale=scale, fuse=config.fuse_lora)

@@ -67,6 +67,8 @@ class SDPipeline:
     pipeline_class: str = "StableDiffusionPipeline"
     text_encoder_2: clip.CLIPTextModel | None = None
     tokenizer_2: CLIPTokenizer | None = None
+    # SDXL: with no negative prompt, guidance uses zero embeddings rather than the encoded empty prompt.
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -78,18 +80,37 @@ class SDPipeline:
         """True for SDXL pipelines (two text encoders, size/crop conditioning)."""
         return self.unet.config.addition_embed_type == "text_time"
 
-    def require_sd(self, what: str) -> None:
-        """Refuse SDXL where only SD 1.x/2.x is wired in yet, naming the feature."""
-        if self.is_sdxl or self.text_encoder_2 is not None:
-            raise PipelineError(
-                f"{self.name} is an SDXL pipeline ({self.pipeline_class}); {what} supports SD 1.x/2.x pipelines only "
-                "so far (SDXL models load, but SDXL training and sampling are not wired in yet)"
-            )
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Token ids of every text encoder: `input_ids` (B, L), and `input_ids_2` for SDXL's second tokenizer."""
+        ids = {"input_ids": self.tokenizer(prompts)}
+        if self.tokenizer_2 is not None:
+            ids["input_ids_2"] = self.tokenizer_2(prompts)
+        return ids
 
     def encode_text(self, params: Params, ids: jax.Array, lora: LoraLayers = ()) -> jax.Array:
         """The text encoder's last hidden state (B, L, D) for token ids, with LoRA layers when given."""
         out = self.text_encoder.apply({"params": params["text_encoder"], LORA: lora_variables(*lora)}, ids)
         return out.last_hidden_state
+
+    def encode_prompt(
+        self, params: Params, ids: dict[str, jax.Array], lora: dict[str, LoraLayers] | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """(cross-attention context (B, L, D), pooled text embeds (B, P) or None) as the UNet expects them.
+
+        SD 1.x/2.x: the text encoder's last hidden state. SDXL, as diffusers' `encode_prompt` with clip_skip None:
+        both encoders' penultimate hidden states side by side, and `text_encoder_2`'s projected pooled output.
+        """
+        lora = lora or {}
+        if not self.is_sdxl:
+            return self.encode_text(params, ids["input_ids"], lora.get("text_encoder", ())), None
+        states, pooled = [], None
+        for component, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2")):
+            model = getattr(self, component)
+            variables = {"params": params[component], LORA: lora_variables(*lora.get(component, ()))}
+            out = model.apply(variables, ids[key])
+            states.append(out.hidden_states[-2])
+            pooled = out.text_embeds if out.text_embeds is not None else out.pooler_output
+        return jnp.concatenate(states, axis=-1), pooled
 
     def predict_noise(
         self, params: Params, latents: jax.Array, t: jax.Array, text: jax.Array, lora: LoraLayers = (), added=None
@@ -186,6 +207,25 @@ def resolve_pipeline_folder(name_or_path: str, revision: str | None = None, vari
         return snapshot_download(name_or_path, revision=revision, allow_patterns=list(_CONFIG_FILES) + wanted)
 
 
+def resolve_vae_folder(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Path:
+    """(--pretrained_vae_model_name_or_path) an AutoencoderKL folder or hub id, or a pipeline's `vae/`, as a local folder."""
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return path / "vae"
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"VAE folder {name_or_path} has no config.json (expected an AutoencoderKL save_pretrained folder)")
+        return path
+    if not is_hub_id(name_or_path):
+        raise MissingFileError(f"VAE folder {name_or_path} does not exist (a hub id looks like 'owner/name')")
+    from huggingface_hub import snapshot_download
+
+    suffix = f".{variant}" if variant else ""
+    patterns = ["config.json"] + [f"{stem}{suffix}*.{fmt}*" for stem, fmt in _WEIGHT_STEMS]
+    with hub_download("model", name_or_path, "A local AutoencoderKL folder works without the hub."):
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
+
+
 def _component_weights(folder: Path, component: str, variant: str | None) -> tuple[dict[str, np.ndarray], str]:
     """A component's PyTorch state dict and the file it came from (for errors)."""
     listing = [f"{component}/{p.name}" for p in (folder / component).iterdir()]
@@ -233,8 +273,11 @@ def load_pipeline(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     attention: str = "xla",
+    vae: str | None = None,
 ) -> SDPipeline:
     """Load UNet, text encoder(s), VAE, tokenizer(s) and scheduler config of a diffusers pipeline into Flax.
+
+    `vae` replaces the pipeline's VAE by another AutoencoderKL (folder or hub id), e.g. SDXL's fp16-fix VAE.
 
     `attention` picks the UNet's attention kernel (flax_lora.attention.IMPLEMENTATIONS): "chunked" gives the same
     outputs and gradients without the full attention matrix; on CPU it is also faster.
@@ -249,11 +292,16 @@ def load_pipeline(
         "text_encoder_2": (clip.CLIPTextConfig, clip.load_clip),
     }
     components = [c for c in loaders if c != "text_encoder_2" or index.get(c)]
+    # Where each component lives: (root, subfolder); a separate VAE is its own folder.
+    places = {c: (folder, c) for c in components}
+    if vae is not None:
+        vae_folder = resolve_vae_folder(vae, revision, variant)
+        places["vae"] = (vae_folder.parent, vae_folder.name)
     # Every config is checked before the first (slow) weight file is read.
-    configs = {c: _component_config(folder, c, loaders[c][0]) for c in components}
+    configs = {c: _component_config(*places[c], loaders[c][0]) for c in components}
     models, params = {}, {}
     for component in components:
-        weights, source = _component_weights(folder, component, variant)
+        weights, source = _component_weights(*places[component], variant)
         # Only the UNet takes the attention choice: the VAE's one attention layer and CLIP's causal 77 tokens stay xla.
         kwargs = {"attention": attention} if component == "unet" else {}
         load = loaders[component][1]
@@ -271,6 +319,8 @@ def load_pipeline(
         pipeline_class=index["_class_name"],
         text_encoder_2=models.get("text_encoder_2"),
         tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2") if has_second else None,
+        # diffusers' StableDiffusionXLPipeline default when model_index.json does not say.
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", has_second)),
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-TINY_KINDS = ("sd1", "sd2")
+TINY_KINDS = ("sd1", "sd2", "sdxl")
 TOKENIZER_MAX_LENGTH = 16
 # The noise schedule every Stable Diffusion 1.x/2.x scheduler config shares.
 SD_SCHEDULE = dict(
@@ -81,7 +81,7 @@ def write_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> None:
 
 
 def tiny_unet_config(kind: str) -> dict:
-    """diffusers config of a tiny SD1-style or SD2-style UNet."""
+    """diffusers config of a tiny SD1-, SD2- or SDXL-style UNet."""
     config = dict(
         _class_name="UNet2DConditionModel",
         sample_size=8,
@@ -98,6 +98,23 @@ def tiny_unet_config(kind: str) -> dict:
     if kind == "sd2":
         # SD 2.x: Linear proj_in/proj_out and a head count per block.
         config.update(use_linear_projection=True, attention_head_dim=[4, 8])
+    if kind == "sdxl":
+        # SDXL: no attention in the first block, deeper transformers, size/crop conditioning, two text encoders
+        # (32 + 48 wide: the context is both side by side; the pooled 48 plus six 8-wide size embeddings).
+        config.update(
+            block_out_channels=[32, 64, 64],
+            layers_per_block=2,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            attention_head_dim=[2, 4, 8],
+            transformer_layers_per_block=[1, 1, 2],
+            use_linear_projection=True,
+            cross_attention_dim=32 + 48,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=48 + 6 * 8,
+            norm_num_groups=16,
+        )
     return config
 
 
@@ -185,40 +202,80 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
     if (out / "model_index.json").exists():
         return str(out)
     unet_config = tiny_unet_config(kind)
+    sdxl = kind == "sdxl"
     text_config = {**TINY_TEXT_CONFIG, "hidden_act": "gelu" if kind == "sd2" else "quick_gelu"}
+    # SDXL's second encoder: OpenCLIP-style (gelu) with a projection of the pooled state.
+    text_config_2 = {**TINY_TEXT_CONFIG, "architectures": ["CLIPTextModelWithProjection"], "hidden_size": 48,
+                     "projection_dim": 48, "hidden_act": "gelu"}  # fmt: skip
     unet_model = unet.UNet2DConditionModel(unet.UNetConfig.from_dict(unet_config))
-    unet_params = _random_params(unet_model, seed, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 1, 32)))
+    context = jnp.zeros((1, 1, unet_config["cross_attention_dim"]))
+    added = {"text_embeds": jnp.zeros((1, 48)), "time_ids": jnp.zeros((1, 6))} if sdxl else None
+    unet_params = _random_params(unet_model, seed, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), context, added)
     vae_model = vae.AutoencoderKL(vae.VAEConfig.from_dict(TINY_VAE_CONFIG, "tiny vae"))
     vae_params = _random_params(vae_model, seed + 1, jnp.zeros((1, 3, 64, 64)))
-    text_model = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config, "tiny text encoder"))
-    text_params = _random_params(text_model, seed + 2, jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32))
+    ids = jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32)
+    encoders = {"text_encoder": text_config, **({"text_encoder_2": text_config_2} if sdxl else {})}
+    text_params = {
+        name: _random_params(clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(config, f"tiny {name}")), seed + 2 + i, ids)
+        for i, (name, config) in enumerate(encoders.items())
+    }
     if kind == "sd2":
         scheduler = {"_class_name": "DDIMScheduler", **SD_SCHEDULE, "clip_sample": False,
                      "prediction_type": "v_prediction"}
+    elif sdxl:  # SDXL base ships Euler with leading spacing
+        schedule = {k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}
+        scheduler = {"_class_name": "EulerDiscreteScheduler", **schedule, "timestep_spacing": "leading"}
     else:
         scheduler = {"_class_name": "PNDMScheduler", **SD_SCHEDULE, "skip_prk_steps": True}
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler["_class_name"]],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
     }
+    if sdxl:
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)  # fmt: skip
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     with atomic_directory(out, "model_index.json") as tmp:
         write_tokenizer(tmp / "tokenizer")
-        for name, config in (("unet", unet_config), ("vae", TINY_VAE_CONFIG), ("text_encoder", text_config)):
+        if sdxl:
+            write_tokenizer(tmp / "tokenizer_2", pad_token="!")  # as SDXL's second tokenizer pads with "!"
+        configs = {"unet": unet_config, "vae": TINY_VAE_CONFIG, **encoders}
+        for name, config in configs.items():
             (tmp / name).mkdir()
             (tmp / name / "config.json").write_text(json.dumps(config, indent=1))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
         _save_weights(unet_params, tmp / "unet" / "diffusion_pytorch_model.safetensors")
         _save_weights(vae_params, tmp / "vae" / "diffusion_pytorch_model.safetensors")
-        # transformers 5 saves CLIPTextModel without the `text_model.` prefix.
-        _save_weights(text_params, tmp / "text_encoder" / "model.safetensors", strip_prefix="text_model.")
+        for name, params in text_params.items():
+            # transformers 5 saves CLIPTextModel without the `text_model.` prefix (and WithProjection with it).
+            strip = "" if sdxl and name == "text_encoder_2" else "text_model."
+            _save_weights(params, tmp / name / "model.safetensors", strip_prefix=strip)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
     return str(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flax_lora.tiny --kind sdxl --out DIR [--data DIR]`: write a tiny pipeline (and the shapes data) to try."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--kind", choices=TINY_KINDS, default="sd1", help="Pipeline family to imitate.")
+    parser.add_argument("--out", required=True, help="Folder to write the pipeline to (kept if it already holds one).")
+    parser.add_argument("--data", help="Also write the built-in captioned shapes (64 px) to this folder.")
+    args = parser.parse_args(argv)
+    print(f"tiny {args.kind} pipeline: {build_tiny_pipeline(args.out, args.kind)}")
+    if args.data:
+        from flax_lora.data import build_tiny_dataset
+
+        print(f"captioned shapes: {build_tiny_dataset(args.data, resolution=64)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,12 +2,15 @@
 
 Design:
 - Only the LoRA tree is a training parameter: `TrainState` holds the LoRA params, their optax state, the
-  step and the RNG key; the frozen base params are a separate, replicated argument of the step.
-- One `jax.jit` step over a `Mesh` with a single "data" axis: the batch is sharded over every device of
-  every process, params and optimizer state are replicated; gradient accumulation is a `lax.scan` over
+  step and the RNG key; the frozen base params are a separate argument of the step.
+- One `jax.jit` step over the ("data", "fsdp") `Mesh` of flax_lora.sharding: the batch is sharded over every device
+  of every process, the frozen base is replicated or, with --fsdp, sharded (FSDP), LoRA params and optimizer state
+  are replicated; gradient accumulation is a `lax.scan` over
   micro-batches inside the step, so one call is one optimizer update.
 - A batch holds either pixels + token ids (the step runs VAE and text encoder) or cached VAE posterior
   moments + text embeddings (the step only runs the UNet): `make_train_step` serves both and benchmarks.
+  SDXL batches add `input_ids_2` (or `pooled_text_embeddings` when cached) and each example's `time_ids`
+  (original size, crop top-left, target size), and the text conditioning is `SDPipeline.encode_prompt`'s.
 - Validation images come from `flax_lora.inference`'s pipeline on the step's base params and mesh; the
   current LoRA weights are traced arguments of its sampler, so it compiles once for the whole run.
 - Data position = step (see flax_lora.data), so an orbax checkpoint of TrainState plus the step
@@ -41,9 +44,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_lora.compile_cache import enable_compilation_cache
 from flax_lora.config import BUILTIN_RUN_DEFAULTS, DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
 from flax_lora.errors import ExistingOutputError, MissingFileError, UserError, check_output_folder
-from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh
+from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh, param_shardings, place, remat_compiler_options
 
 logger = logging.getLogger("flax_lora.train")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # pipeline components a LoRA may train besides the UNet
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -184,15 +188,23 @@ class TrainState:
 
 
 def create_train_state(lora_params: dict, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
-    """Fresh state for LoRA params (optimizer state covers the LoRA tree only), replicated over the mesh."""
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=lora_params,
-        opt_state=optimizer.init(lora_params),
-        rng=jax.random.PRNGKey(seed),
-    )
-    # Placed as the step returns it, so the second call finds the same input shardings and does not recompile.
-    return jax.device_put(state, NamedSharding(mesh, P()))
+    """Fresh state for LoRA params (optimizer state covers the LoRA tree only), replicated over the mesh.
+
+    Abstract LoRA params (jax.ShapeDtypeStruct) give an abstract state, to compile a step from shapes alone.
+    """
+
+    def fresh(params):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed)
+        )
+
+    # Replicated: LoRA weights and Adam moments are small (flax_lora.sharding). Placed as the step returns the
+    # state, so the second call finds the same input shardings and does not recompile.
+    replicated = NamedSharding(mesh, P())
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(lora_params)):
+        abstract = jax.eval_shape(fresh, lora_params)
+        return place(abstract, jax.tree.map(lambda _: replicated, abstract))
+    return jax.device_put(fresh(lora_params), replicated)
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -243,10 +255,11 @@ def make_train_step(
 ) -> TrainStep:
     """Jit one optimizer update over the mesh; batch = pixels+ids or cached latents+text embeddings, (accum, B, ...)."""
     scales = lora_scales(adapter_configs)
-    train_te = "text_encoder" in adapter_configs
+    train_te = any(c in adapter_configs for c in TEXT_ENCODERS)
     replicated = NamedSharding(mesh, P())
     base = base_params if base_params is not None else pipe.params
-    base = jax.device_put(_cast(base, compute_dtype), replicated)
+    base_sharding = param_shardings(mesh, base)  # replicated unless the mesh has an "fsdp" axis of size > 1
+    base = place(base, base_sharding, compute_dtype)  # abstract params (jax.ShapeDtypeStruct) stay abstract
 
     def micro_loss(lora, base, micro, rng):
         k_lat, k_noise, k_off, k_t = jax.random.split(rng, 4)
@@ -263,12 +276,20 @@ def make_train_step(
         noisy, target = add_noise(schedule, latents, noise, t)
         lora_c = _cast(lora, compute_dtype)
         if "text_embeddings" in micro:
-            emb = micro["text_embeddings"].astype(compute_dtype)
-        elif train_te:
-            emb = pipe.encode_text(base, micro["input_ids"], lora_layers(lora_c, scales, "text_encoder"))
+            context, pooled = micro["text_embeddings"], micro.get("pooled_text_embeddings")
         else:
-            emb = jax.lax.stop_gradient(pipe.encode_text(base, micro["input_ids"]))
-        pred = pipe.predict_noise(base, noisy.astype(compute_dtype), t, emb, lora_layers(lora_c, scales, "unet"))
+            ids = {k: micro[k] for k in ("input_ids", "input_ids_2") if k in micro}
+            text_lora = {c: lora_layers(lora_c, scales, c) for c in TEXT_ENCODERS}
+            context, pooled = pipe.encode_prompt(base, ids, text_lora)
+            if not train_te:
+                context, pooled = jax.lax.stop_gradient((context, pooled))
+        added = None
+        if pipe.is_sdxl:
+            # Size ids stay float32 (diffusers casts them to the weight dtype, where bf16 rounds e.g. 1023 to 1024).
+            added = {"text_embeds": pooled.astype(compute_dtype), "time_ids": micro["time_ids"].astype(jnp.float32)}
+        pred = pipe.predict_noise(
+            base, noisy.astype(compute_dtype), t, context.astype(compute_dtype), lora_layers(lora_c, scales, "unet"), added
+        )
         return diffusion_loss(pred, target, t, schedule, snr_gamma)
 
     grad_fn = jax.value_and_grad(micro_loss)
@@ -299,9 +320,10 @@ def make_train_step(
 
     jitted = jax.jit(
         step,
-        in_shardings=(replicated, replicated, batch_sharding(mesh)),
+        in_shardings=(replicated, base_sharding, batch_sharding(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
+        compiler_options=remat_compiler_options(mesh) if getattr(pipe.unet, "remat", False) else None,
     )
     return TrainStep(jitted, base, mesh)
 
@@ -341,30 +363,37 @@ def to_host(tree):
 # ---------------------------------------------------------------------------------------------- caching
 
 
-def _local_map(fn: Callable, inputs: np.ndarray, batch: int, extra=()) -> np.ndarray:
-    """Run a jitted fn over inputs in fixed-size chunks on this process's devices; returns numpy."""
+def _local_map(fn: Callable, inputs, batch: int, extra=()):
+    """Run a jitted fn over a pytree of inputs (same leading size) in fixed-size chunks on this process's devices;
+    returns its outputs' pytree as numpy."""
     local = jax.local_devices()
     mesh = make_mesh(local)
     batch = max(batch, len(local)) // len(local) * len(local)
     sharded = NamedSharding(mesh, P(DATA_AXIS))
     extra = jax.device_put(extra, NamedSharding(mesh, P()))
     jitted = jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), sharded))
+    total = len(jax.tree.leaves(inputs)[0])
     outs = []
-    for start in range(0, len(inputs), batch):
-        chunk = inputs[start : start + batch]
-        pad = batch - len(chunk)
+    for start in range(0, total, batch):
+        chunk = jax.tree.map(lambda x: x[start : start + batch], inputs)
+        pad = batch - min(batch, total - start)
         if pad:  # fixed shapes: one compile for the whole pass
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            chunk = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), chunk)
         # Explicit device_put: in multi-process runs jit refuses numpy inputs with non-replicated shardings.
-        outs.append(np.asarray(jitted(extra, jax.device_put(chunk, sharded)))[: batch - pad])
-    return np.concatenate(outs)
+        out = jitted(extra, jax.device_put(chunk, sharded))
+        outs.append(jax.tree.map(lambda x: np.asarray(x)[: batch - pad], out))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
 
-def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Encode every readable image once: (moments (n, flips, 2, C, h, w), valid indices). Bad images are dropped."""
-    from flax_lora.data import SKIP_HINT, BadImageError, preprocess_image
+def cache_latents(
+    pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode every readable image once: (moments (n, flips, 2, C, h, w), SDXL size ids (n, flips, 6), valid indices).
 
-    images, valid = [], []
+    Bad images are dropped."""
+    from flax_lora.data import SKIP_HINT, BadImageError, crop_image, mirrored_size_ids
+
+    images, size_ids, valid = [], [], []
     for i in range(len(data)):
         try:
             img = data.load_image(i)
@@ -375,7 +404,9 @@ def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
             continue
         # The crop is drawn once per image here: a cached run cannot re-crop every epoch.
         rng = np.random.default_rng([config.seed or 0, 2, i])
-        images.append(preprocess_image(img, config.resolution, config.center_crop, False, rng))
+        pixels, ids = crop_image(img, config.resolution, config.center_crop, False, rng)
+        images.append(pixels)
+        size_ids.append([ids, mirrored_size_ids(ids)] if config.random_flip else [ids])
         valid.append(i)
     if not valid:
         raise UserError(f"no readable training images in {data.source}")
@@ -394,16 +425,25 @@ def cache_latents(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
     # Index by example id; rows of bad images stay zero and are never sampled (not in `valid`).
     table = np.zeros((len(data),) + moments.shape[1:], np.float32)
     table[valid] = moments
-    return table, np.asarray(valid)
+    ids_table = np.zeros((len(data), flips, 6), np.float32)
+    ids_table[valid] = np.asarray(size_ids, np.float32)
+    return table, ids_table, np.asarray(valid)
 
 
-def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> np.ndarray:
-    """Text-encoder output for each example's first caption, (n, L, D)."""
-    ids = pipe.tokenizer([data.captions(i)[0] for i in range(len(data))])
-    return _local_map(
-        lambda p, x: pipe.encode_text({"text_encoder": p}, x).astype(jnp.float32),
-        ids, batch, _cast(pipe.params["text_encoder"], dtype),
-    )
+def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> dict[str, np.ndarray]:
+    """The UNet's text conditioning for each example's first caption: `text_embeddings` (n, L, D), and for SDXL
+    `pooled_text_embeddings` (n, P)."""
+
+    def encode(params, ids):
+        context, pooled = pipe.encode_prompt(params, ids)
+        out = {"text_embeddings": context.astype(jnp.float32)}
+        if pooled is not None:
+            out["pooled_text_embeddings"] = pooled.astype(jnp.float32)
+        return out
+
+    ids = pipe.tokenize([data.captions(i)[0] for i in range(len(data))])
+    encoders = {c: _cast(pipe.params[c], dtype) for c in ("text_encoder", "text_encoder_2") if c in pipe.params}
+    return _local_map(encode, ids, batch, encoders)
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -740,6 +780,7 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
             f"{ckpt_dir} already holds checkpoints (latest step {saved[-1]}); pass --resume_from_checkpoint latest "
             "to continue that run, or choose another --output_dir"
         )
+    mesh = make_mesh(fsdp=config.fsdp)  # a --fsdp that does not divide the devices fails before any loading
     data = load_training_data(config)  # before the model: a data mistake is reported in a second, not after the load
 
     compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
@@ -753,20 +794,21 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
         dtype=compute_dtype,
         param_dtype=compute_dtype,
         attention="chunked" if config.enable_xformers_memory_efficient_attention else "xla",
+        vae=config.pretrained_vae_model_name_or_path,
     )
-    pipe.require_sd("training")
+    if config.gradient_checkpointing:  # sampling ignores remat (no backward pass), so validation may share it
+        pipe = dataclasses.replace(pipe, unet=pipe.unet.clone(remat=True))
     schedule = noise_schedule(pipe.scheduler_config, config.prediction_type)
 
-    mesh = make_mesh()
     global_batch = config.train_batch_size * jax.device_count()
     accum = config.gradient_accumulation_steps
     rows = process_rows(mesh, global_batch)
 
-    latent_cache = text_cache = valid = None
+    latent_cache = time_ids_cache = text_cache = valid = None
     local_batch = config.train_batch_size * jax.local_device_count()
     if config.cache_latents:
         logger.info("caching VAE latents of %d images (the first batch compiles the encoder)...", len(data))
-        latent_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype)
+        latent_cache, time_ids_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype)
     if config.cache_text_embeddings:
         logger.info("caching text embeddings of %d captions...", len(data))
         text_cache = cache_text(pipe, data, local_batch, compute_dtype)
@@ -774,6 +816,7 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
         data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed,
         center_crop=config.center_crop, random_flip=config.random_flip, skip_bad_images=config.skip_bad_images,
         num_workers=config.dataloader_num_workers, latent_cache=latent_cache, text_cache=text_cache, valid=valid,
+        tokenizer_2=pipe.tokenizer_2, time_ids_cache=time_ids_cache,
     )
     per_step = global_batch * accum
     steps_per_epoch = math.ceil(loader.num_examples / per_step)
@@ -781,11 +824,13 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
     learning_rate = config.learning_rate * (accum * global_batch if config.scale_lr else 1)
 
     lora_configs = {"unet": LoraConfig(config.rank, config.lora_alpha, UNET_TARGETS)}
-    if config.train_text_encoder:
-        lora_configs["text_encoder"] = LoraConfig(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS)
+    if config.train_text_encoder:  # both of SDXL's encoders, as diffusers' SDXL script
+        for component in TEXT_ENCODERS:
+            if component in pipe.params:
+                lora_configs[component] = LoraConfig(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS)
     adapter = new_adapter(
         jax.random.PRNGKey(seed + 1), pipe.params, lora_configs["unet"], lora_configs.get("text_encoder"),
-        base_model=pipe.name,
+        base_model=pipe.name, text_encoder_2_config=lora_configs.get("text_encoder_2"),
     )
     lora_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(adapter.params))
     optimizer, lr_fn = make_optimizer(config, total_steps, learning_rate)
@@ -953,7 +998,10 @@ def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]])
     samples = validate(run, state, final_step, final=True)  # every process takes part in sampling
     outputs = {}
     if run.is_main:
-        adapter_paths = [save_adapter(final_adapter, run.output_dir, format=f) for f in run.config.export_format_list]
+        adapter_paths = [
+            save_adapter(final_adapter, run.output_dir, format=f, base_params=run.pipe.params)
+            for f in run.config.export_format_list
+        ]
         loss_plot = os.path.join(run.output_dir, "loss.png")
         save_loss_plot(history, loss_plot)
         with open(os.path.join(run.output_dir, "train_config.json"), "w") as f:

@@ -118,7 +118,8 @@ def test_cached_latents_and_text_are_gathered(shapes_dir):
     latents = np.random.default_rng(0).normal(size=(12, 2, 2, 4, 2, 2)).astype(np.float32)
     text = np.random.default_rng(1).normal(size=(12, 8, 5)).astype(np.float32)
     loader = BatchLoader(
-        data, None, 16, global_batch=3, rows=[0, 1, 2], latent_cache=latents, text_cache=text, random_flip=True
+        data, None, 16, global_batch=3, rows=[0, 1, 2], latent_cache=latents, text_cache={"text_embeddings": text},
+        random_flip=True,
     )
     batch = loader.batch(1)
     assert set(batch) == {"latent_mean", "latent_std", "text_embeddings"}

@@ -256,9 +256,10 @@ def test_chunked_attention_gives_the_same_unet_output_and_lora_gradients(tiny_sd
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_builtin_tiny_pipeline_is_written_without_torch_and_loads_in_diffusers(tmp_path):
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_builtin_tiny_pipeline_is_written_without_torch_and_loads_in_diffusers(kind, tmp_path):
     """Our own writer's pipeline folder loads in PyTorch diffusers with the same outputs as ours."""
-    folder = build_tiny_pipeline(tmp_path / "ours", kind="sd2")
+    folder = build_tiny_pipeline(tmp_path / "ours", kind=kind)
     pipe = load_pipeline(folder)
     torch_pipe = DiffusionPipeline.from_pretrained(folder)
     diffs = _compare_with_pytorch(pipe, torch_pipe)

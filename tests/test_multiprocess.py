@@ -54,3 +54,37 @@ def test_two_processes_train_one_adapter(tiny_sd1_path, tmp_path):
     # Only process 0 prints progress (the bar says "compiling the train step", then "training") and INFO logs.
     assert sum("compiling the train step" in t and "training:" in t for t in outputs) == 1
     assert sum("wrote " in t for t in outputs) == 1
+
+
+def test_two_processes_shard_the_base_over_both_and_sample(tiny_sd1_path, tmp_path):
+    """--fsdp 4 with 2 devices per process: every base weight is split over both processes, so each gather crosses
+    them; the validation sampler gathers the sharded base there too."""
+    data = build_tiny_dataset(tmp_path / "data", num_images=4, resolution=64)
+    out = tmp_path / "run"
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(WORKER)), HF_HUB_OFFLINE="1")
+    env.pop("XLA_FLAGS", None)
+    flags = ["--report_to", "none", "--cache_latents", "--cache_text_embeddings", "--fsdp", "4", "--max_train_steps", "2",
+             "--checkpointing_steps", "2", "--validation_prompt", "a red circle", "--num_validation_images", "4",
+             "--num_inference_steps", "2"]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, WORKER, str(port), str(i), tiny_sd1_path, data, str(out), *flags],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} failed:\n{text[-4000:]}"
+    results = [json.loads(next(l for l in t.splitlines() if l.startswith("RESULT "))[7:]) for t in outputs]
+    r0, r1 = sorted(results, key=lambda r: r["process_index"])
+    assert r0["step"] == r1["step"] == 2
+    assert r0["losses"] == r1["losses"] and all(0 < loss < 10 for loss in r0["losses"])
+    assert {f"final_{i}.png" for i in range(4)} <= set(os.listdir(out / "samples"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -159,41 +159,58 @@ def _config(tiny_path, data_dir, out_dir, **kw) -> TrainConfig:
 
 
 def _eval_batch(pipe, data_dir):
-    """Fixed latents, noise, timesteps and text embeddings for a deterministic denoising loss."""
+    """Fixed latents, noise, timesteps and token ids (a dict: both tokenizers for SDXL) for a deterministic loss."""
     data = load_image_folder(data_dir)
     pixels = np.stack(
         [preprocess_image(data.load_image(i), 64, True, False, np.random.default_rng(0)) for i in range(len(data))]
     )
-    ids = pipe.tokenizer([data.captions(i)[0] for i in range(len(data))])
+    ids = pipe.tokenize([data.captions(i)[0] for i in range(len(data))])
     t = np.array([50, 200, 400, 600, 800], np.int32)
-    pixels, ids = np.repeat(pixels, len(t), 0), np.repeat(ids, len(t), 0)
+    pixels, ids = np.repeat(pixels, len(t), 0), {k: np.repeat(v, len(t), 0) for k, v in ids.items()}
     t = np.tile(t, len(data))
     noise = np.random.default_rng(1).normal(size=(len(t), 4, 8, 8)).astype(np.float32)
     return pixels, ids, t, noise
 
 
-def _jax_eval_loss(pipe, lora_tree, scale, pixels, ids, t, noise) -> float:
-    return float(jax.jit(lambda tree: _eval_loss_fn(pipe, tree, scale, pixels, ids, t, noise))(lora_tree))
+# SDXL's size conditioning of a 64 px centre crop of a 64 px image: original size, crop top-left, target size.
+EVAL_TIME_IDS = (64, 64, 0, 0, 64, 64)
 
 
-def _eval_loss_fn(pipe, lora_tree, scale, pixels, ids, t, noise):
+def _jax_eval_loss(pipe, adapter, pixels, ids, t, noise) -> float:
+    """Denoising MSE of the pipeline, with every component of `adapter` (or none) applied."""
+    layers = {} if adapter is None else {c: (adapter.scope_layers(c),) for c in adapter.params}
+    return float(jax.jit(lambda layers: _eval_loss_fn(pipe, layers, pixels, ids, t, noise))(layers))
+
+
+def _eval_loss_fn(pipe, layers, pixels, ids, t, noise):
     latents = pipe.vae.scale_latents(pipe.encode_images(pipe.params, pixels).mean)
     sched = T.noise_schedule(pipe.scheduler_config)
     noisy, target = T.add_noise(sched, latents, jnp.asarray(noise), jnp.asarray(t))
-    emb = pipe.encode_text(pipe.params, ids)
-    lora = () if lora_tree is None else ((lora_tree, scale),)
-    pred = pipe.predict_noise(pipe.params, noisy, jnp.asarray(t), emb, lora)
+    context, pooled = pipe.encode_prompt(pipe.params, ids, layers)
+    added = None
+    if pooled is not None:
+        added = {"text_embeds": pooled, "time_ids": jnp.tile(jnp.array(EVAL_TIME_IDS, jnp.float32), (len(t), 1))}
+    pred = pipe.predict_noise(pipe.params, noisy, jnp.asarray(t), context, layers.get("unet", ()), added)
     return jnp.mean((pred - target) ** 2)
 
 
 def _torch_eval_loss(sd, pixels, ids, t, noise) -> float:
+    """The same loss in a PyTorch StableDiffusionPipeline or StableDiffusionXLPipeline."""
     with torch.no_grad():
         latents = sd.vae.encode(torch.from_numpy(pixels)).latent_dist.mean * sd.vae.config.scaling_factor
         tt = torch.from_numpy(t).long()
         tn = torch.from_numpy(noise)
         noisy = sd.scheduler.add_noise(latents, tn, tt)
-        emb = sd.text_encoder(torch.from_numpy(ids).long())[0]
-        pred = sd.unet(noisy, tt, emb).sample
+        kwargs = {}
+        if getattr(sd, "text_encoder_2", None) is None:
+            emb = sd.text_encoder(torch.from_numpy(ids["input_ids"]).long())[0]
+        else:  # diffusers' SDXL encode_prompt: penultimate states of both encoders, pooled projection of the second
+            out_1 = sd.text_encoder(torch.from_numpy(ids["input_ids"]).long(), output_hidden_states=True)
+            out_2 = sd.text_encoder_2(torch.from_numpy(ids["input_ids_2"]).long(), output_hidden_states=True)
+            emb = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+            time_ids = torch.tensor([EVAL_TIME_IDS] * len(t), dtype=torch.float32)
+            kwargs["added_cond_kwargs"] = {"text_embeds": out_2.text_embeds, "time_ids": time_ids}
+        pred = sd.unet(noisy, tt, emb, **kwargs).sample
         return float(torch.mean((pred - tn) ** 2))
 
 
@@ -226,8 +243,8 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
     kohya = _flax_deltas(load_adapter(str(out / "lora_kohya.safetensors"), pipe.params))
     for name, delta in _flax_deltas(adapter).items():  # both files carry the same trained weights
         np.testing.assert_allclose(kohya[name], delta, rtol=1e-5, atol=1e-8, err_msg=name)
-    base_loss = _jax_eval_loss(pipe, None, 1.0, *batch)
-    lora_loss = _jax_eval_loss(pipe, *adapter.scope_layers("unet"), *batch)
+    base_loss = _jax_eval_loss(pipe, None, *batch)
+    lora_loss = _jax_eval_loss(pipe, adapter, *batch)
     assert lora_loss < 0.95 * base_loss, (base_loss, lora_loss)
 
     sd = StableDiffusionPipeline.from_pretrained(tiny_sd1_path, safety_checker=None)

@@ -8,6 +8,8 @@ Design:
   map one to one (flax_lora.models.convert) and LoRA targets keep PyTorch's paths.
 - Inputs and outputs are NCHW like PyTorch; inside, activations are NHWC (XLA's preferred conv layout).
 - Every Linear/Conv carries its LoRA branch (flax_lora.models.layers), so the UNet itself applies adapters.
+- `remat=True` (the trainer's --gradient_checkpointing) recomputes each resnet and each transformer layer in the
+  backward pass instead of keeping their activations; params and outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -311,6 +313,14 @@ class BasicTransformerBlock(nn.Module):
         return FeedForward(self.dtype, name="ff")(LayerNorm(dtype=self.dtype, name="norm3")(x)) + x
 
 
+# Gradient checkpointing per layer, as diffusers does it: each resnet and each transformer layer keeps only its inputs
+# for the backward pass and recomputes the rest there. Nearly all the UNet's FLOPs are inside these layers, so any
+# granularity recomputes about one forward pass; per layer holds the least at once while one layer's backward runs
+# (remat of a whole block would hold all its layers' activations then: ten transformer layers in SDXL's third block).
+RematResnetBlock2D = nn.remat(ResnetBlock2D)
+RematTransformerBlock = nn.remat(BasicTransformerBlock)
+
+
 class Transformer2DModel(nn.Module):
     """GroupNorm, proj_in (1x1 conv, or Linear for SD 2.x/SDXL), transformer blocks, proj_out, residual."""
 
@@ -321,6 +331,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -332,8 +343,9 @@ class Transformer2DModel(nn.Module):
         else:
             h = Conv2d(inner, kernel_size=1, padding=0, dtype=self.dtype, name="proj_in")(h)
             h = h.reshape(batch, height * width, inner)
+        layer = RematTransformerBlock if self.remat else BasicTransformerBlock
         for i in range(self.depth):
-            block = BasicTransformerBlock(self.heads, self.head_dim, self.dtype, self.attention, name=f"transformer_blocks_{i}")
+            block = layer(self.heads, self.head_dim, self.dtype, self.attention, name=f"transformer_blocks_{i}")
             h = block(h, context)
         if self.use_linear_projection:
             h = Linear(channels, dtype=self.dtype, name="proj_out")(h).reshape(batch, height, width, channels)
@@ -356,6 +368,7 @@ class UNetBlock(nn.Module):
     add_sampler: bool
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    remat: bool = False
 
     def _transformer(self, i: int) -> Transformer2DModel:
         return Transformer2DModel(
@@ -366,12 +379,13 @@ class UNetBlock(nn.Module):
             use_linear_projection=self.config.use_linear_projection,
             dtype=self.dtype,
             attention=self.attention,
+            remat=self.remat,
             name=f"attentions_{i}",
         )
 
     def _resnet(self, i: int, scale: float = 1.0) -> ResnetBlock2D:
         c = self.config
-        return ResnetBlock2D(
+        return (RematResnetBlock2D if self.remat else ResnetBlock2D)(
             self.out_channels, c.norm_num_groups, c.norm_eps, output_scale_factor=scale, dtype=self.dtype,
             name=f"resnets_{i}",
         )
@@ -409,11 +423,13 @@ class UNet2DConditionModel(nn.Module):
     """`unet(sample NCHW, timesteps (B,) or scalar, encoder_hidden_states (B, L, D), added_cond) -> NCHW`.
 
     SDXL (`addition_embed_type: "text_time"`) needs `added_cond={"text_embeds": (B, P), "time_ids": (B, 6)}`.
+    `remat=True` trades about one more forward pass for the activations of every resnet and transformer layer.
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -444,7 +460,7 @@ class UNet2DConditionModel(nn.Module):
         x = Conv2d(c.block_out_channels[0], kernel_size=k, padding=(k - 1) // 2, dtype=self.dtype, name="conv_in")(x)
         skips = [x]
         n = len(c.block_out_channels)
-        common = dict(config=c, dtype=self.dtype, attention=self.attention)
+        common = dict(config=c, dtype=self.dtype, attention=self.attention, remat=self.remat)
         for i, block_type in enumerate(c.down_block_types):
             block = UNetBlock(
                 kind="down",

@@ -54,8 +54,9 @@ CPU_SECONDS = {
     "small": {"flax": (90.0, 2.0), "torch": (30.0, 1.0)},
 }
 FRAMEWORKS = ("flax", "torch")
-# --compile_only: seconds to trace, lower and compile one row (bf16, batch 1 per device) on the 2-core CPU VM.
-COMPILE_SECONDS = {"tiny": 10, "small": 30}
+# --compile_only: seconds per row (worker start, trace, lower, compile; bf16), the slowest measured on the 2-core CPU
+# VM: with --gradient_checkpointing (remat doubles the program); SDXL without it took 420 s.
+COMPILE_SECONDS = {"tiny": 35, "small": 55, "sdxl": 1000}
 
 _CROSS3 = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _UP3 = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -676,20 +677,21 @@ def run_compile_bench(cfg: BenchConfig) -> tuple[dict, Path]:
     """Compile every --compile_only row in its own subprocess, write the JSON and return (summary, its path)."""
     check_output(cfg)
     rows = cfg.compile_rows()
+    seconds = COMPILE_SECONDS.get(cfg.config)
+    estimate = f"up to about {seconds} s each on a 2-core CPU" if seconds else "not timed on a CPU yet"
     print(f"[bench] compile-only: {len(rows)} rows of --config {cfg.config}, each compiled in a fresh process "
-          f"({COMPILE_SECONDS.get(cfg.config, 'unmeasured')} s each on the project's 2-core CPU VM)", file=sys.stderr, flush=True)  # fmt: skip
-    results = []
+          f"({estimate})", file=sys.stderr, flush=True)  # fmt: skip
+    summary = {"bench": dataclasses.asdict(cfg), "platform": "cpu (compile only)", "rows": []}
+    out = output_path(cfg, "cpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for row in rows:
         t0 = time.perf_counter()
-        results.append(run_compile_worker(cfg, row))
-        m = results[-1]["memory_bytes"]
+        summary["rows"].append(run_compile_worker(cfg, row))
+        out.write_text(json.dumps(summary, indent=2))  # after every row: a real-size run takes long and may be cut
+        m = summary["rows"][-1]["memory_bytes"]
         print(f"[bench] devices={row['devices']} fsdp={row['fsdp']} remat={row['remat']} batch/device="
               f"{row['batch_per_device']}: {m['total'] / 2**30:.2f} GiB per device ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)  # fmt: skip
-    summary = {"bench": dataclasses.asdict(cfg), "platform": "cpu (compile only)", "rows": results}
-    out = output_path(cfg, "cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
     return summary, out
 
 

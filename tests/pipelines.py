@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flax_lora.tiny import SD_SCHEDULE, TOKENIZER_MAX_LENGTH, atomic_directory, write_tokenizer
+from flax_lora.tiny import SD_SCHEDULE, TOKENIZER_MAX_LENGTH, atomic_directory, tiny_unet_config, write_tokenizer
 
 KINDS = ("sd1", "sd2", "sdxl")
 
@@ -47,38 +47,9 @@ def torch_scheduler(name: str, config: dict):
 
 
 def unet_config(kind: str) -> dict:
-    """UNet2DConditionModel kwargs of a tiny SD1-, SD2- or SDXL-style UNet."""
-    config = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    if kind == "sd2":
-        # SD 2.x: Linear proj_in/proj_out and a head count per block.
-        config.update(use_linear_projection=True, attention_head_dim=(4, 8))
-    if kind == "sdxl":
-        # SDXL: no attention in the first block, deeper transformers, size/crop conditioning, two encoders.
-        config.update(
-            block_out_channels=(32, 64, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4, 8),
-            transformer_layers_per_block=(1, 1, 2),
-            use_linear_projection=True,
-            cross_attention_dim=32 + 48,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=48 + 6 * 8,
-            norm_num_groups=16,
-        )
+    """UNet2DConditionModel kwargs of a tiny SD1-, SD2- or SDXL-style UNet: the built-in tiny pipelines' configs."""
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in tiny_unet_config(kind).items()}
+    config.pop("_class_name")
     return config
 
 

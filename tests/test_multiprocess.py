@@ -18,23 +18,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_one_adapter(tiny_sd1_path, tmp_path):
-    data = build_tiny_dataset(tmp_path / "data", num_images=6, resolution=64)
-    out = tmp_path / "run"
+def _run_two_workers(tiny_sd1_path: str, data: str, out, flags: list[str]) -> tuple[list[dict], list[str]]:
+    """Train in two processes of mp_worker.py (2 CPU devices each); their RESULT dicts by process index, and outputs."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(WORKER)), HF_HUB_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
     procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, str(port), str(i), tiny_sd1_path, data, str(out), "--report_to", "tensorboard", "--cache_latents", "--cache_text_embeddings", "--random_flip"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        subprocess.Popen([sys.executable, WORKER, str(port), str(i), tiny_sd1_path, data, str(out), *flags],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         for i in range(2)
     ]
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
+            outputs.append(p.communicate(timeout=600)[0])  # generous: a busy 2-core CI machine
     finally:
         for p in procs:
             if p.poll() is None:
@@ -42,7 +39,14 @@ def test_two_processes_train_one_adapter(tiny_sd1_path, tmp_path):
     for i, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{text[-4000:]}"
     results = [json.loads(next(l for l in t.splitlines() if l.startswith("RESULT "))[7:]) for t in outputs]
-    r0, r1 = sorted(results, key=lambda r: r["process_index"])
+    return sorted(results, key=lambda r: r["process_index"]), outputs
+
+
+def test_two_processes_train_one_adapter(tiny_sd1_path, tmp_path):
+    data = build_tiny_dataset(tmp_path / "data", num_images=6, resolution=64)
+    out = tmp_path / "run"
+    flags = ["--report_to", "tensorboard", "--cache_latents", "--cache_text_embeddings", "--random_flip"]
+    (r0, r1), outputs = _run_two_workers(tiny_sd1_path, data, out, flags)
     assert r0["device_count"] == r1["device_count"] == 4
     assert sorted(r0["rows"] + r1["rows"]) == [0, 1, 2, 3] and not set(r0["rows"]) & set(r1["rows"])
     assert r0["step"] == r1["step"] == 6
@@ -61,29 +65,10 @@ def test_two_processes_shard_the_base_over_both_and_sample(tiny_sd1_path, tmp_pa
     them; the validation sampler gathers the sharded base there too."""
     data = build_tiny_dataset(tmp_path / "data", num_images=4, resolution=64)
     out = tmp_path / "run"
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(WORKER)), HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)
     flags = ["--report_to", "none", "--cache_latents", "--cache_text_embeddings", "--fsdp", "4", "--max_train_steps", "2",
              "--checkpointing_steps", "2", "--validation_prompt", "a red circle", "--num_validation_images", "4",
              "--num_inference_steps", "2"]  # fmt: skip
-    procs = [
-        subprocess.Popen([sys.executable, WORKER, str(port), str(i), tiny_sd1_path, data, str(out), *flags],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} failed:\n{text[-4000:]}"
-    results = [json.loads(next(l for l in t.splitlines() if l.startswith("RESULT "))[7:]) for t in outputs]
-    r0, r1 = sorted(results, key=lambda r: r["process_index"])
+    (r0, r1), _ = _run_two_workers(tiny_sd1_path, data, out, flags)
     assert r0["step"] == r1["step"] == 2
     assert r0["losses"] == r1["losses"] and all(0 < loss < 10 for loss in r0["losses"])
     assert {f"final_{i}.png" for i in range(4)} <= set(os.listdir(out / "samples"))

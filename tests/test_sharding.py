@@ -12,16 +12,7 @@ from flax_lora.errors import UserError
 from flax_lora.sharding import FSDP_AXIS, MIN_SHARDED_SIZE, batch_sharding, make_mesh, param_sharding, param_shardings
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1_path):
-    from flax_lora.loading import load_pipeline
-
-    return load_pipeline(tiny_sd1_path)
-
-
-@pytest.fixture(scope="module")
-def two_images(tmp_path_factory):
-    return build_tiny_dataset(tmp_path_factory.mktemp("data") / "two", num_images=2, resolution=64)
+from tests.test_train import pipe, two_images  # noqa: E402,F401  (the same module fixtures)
 
 
 def test_mesh_axes_and_param_placement():

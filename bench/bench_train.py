@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flax_lora.cli import build_parser, check_choices
+from flax_lora.config import ATTENTION_IMPLEMENTATIONS
 from flax_lora.cli import flag as _f
 from flax_lora.errors import UserError, check_output_folder, exit_on_user_error
 
@@ -151,16 +152,22 @@ class BenchConfig:
     precision: str = _f("fp32", "bf16: bf16 compute with fp32 LoRA master weights, as diffusers' scripts.", ("fp32", "bf16"))
     lora_mode: str = _f("unmerged", "unmerged: the x@A@B path (the LoRA collection); merged: W + s*A@B inside the step.", ("unmerged", "merged"))
     flax_step: str = _f("project", "project: flax_lora.train.make_train_step; local: this file's step.", ("project", "local"))
-    flax_attention: str = _f(
-        "standard",
-        "standard: XLA's softmax attention (flax_lora.attention.xla_attention); memory_efficient: flax_lora.attention.chunked_attention (the trainer's "
-        "--enable_xformers_memory_efficient_attention).",
-        ("standard", "memory_efficient"),
+    attention: str = _f(
+        "auto",
+        "The flax UNet's attention, as the trainer's --attention (flax_lora.attention). --compile_only builds the "
+        "program for CPU devices, where no fused GPU/TPU kernel exists: there auto means xla, the upper bound "
+        "(scores materialised); pass chunked for a memory-efficient kernel's figure.",
+        ATTENTION_IMPLEMENTATIONS,
     )
     flax_cpu_devices: int = _f(
-        1,
-        "CPU only: XLA devices the flax side splits the cores into and trains data-parallel over (the trainer's "
-        "--num_cpu_devices); 0 = one per core when the batch divides evenly. Project step only.",
+        0,
+        "CPU only: XLA devices the flax side splits the cores into and trains data-parallel over, the --batch split "
+        "between them (as the trainer does on CPU); 0 = one per core when the batch divides evenly. Project step only.",
+    )
+    warm_first_step: bool = _f(
+        True,
+        "Run the flax worker a second time (one step) on JAX's persistent compilation cache that the first run "
+        "filled, as a rerun of the trainer does by default, and report that first step (and its peak memory) too.",
     )
     huge_pages: bool = _f(
         True,
@@ -357,9 +364,8 @@ def run_flax(cfg: BenchConfig) -> dict:
     if cfg.device == "gpu" and device.platform not in ("gpu", "cuda", "rocm"):
         raise UserError(f"--device gpu, but JAX runs on {device.platform} (install jax[cuda12] for an NVIDIA GPU)")
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-    attention = "chunked" if cfg.flax_attention == "memory_efficient" else "xla"
     unet_cfg = UNetConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(cfg).items()})
-    unet = UNet2DConditionModel(unet_cfg, dtype=compute_dtype, attention=attention)
+    unet = UNet2DConditionModel(unet_cfg, dtype=compute_dtype, attention=cfg.attention)
     rng = jax.random.PRNGKey(cfg.seed)
     lora_config = LoraConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=UNET_TARGETS)
     # Build on the host, so the accelerator's peak memory holds only what training keeps there (the base in the
@@ -580,7 +586,7 @@ def run_compile(cfg: BenchConfig, row: dict) -> dict:
     if jax.device_count() != row["devices"]:
         raise RuntimeError(f"expected {row['devices']} CPU devices, JAX has {jax.device_count()} (XLA_FLAGS?)")
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-    attention = "chunked" if cfg.flax_attention == "memory_efficient" else "xla"
+    attention = "xla" if cfg.attention == "auto" else cfg.attention  # no fused kernel compiles for CPU devices
     spec = UNET_CONFIGS[cfg.config]
     unet_cfg = UNetConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(cfg).items()})
     unet = UNet2DConditionModel(unet_cfg, dtype=compute_dtype, attention=attention, remat=row["remat"])
@@ -623,7 +629,7 @@ def run_compile(cfg: BenchConfig, row: dict) -> dict:
         **row,
         global_batch=global_batch,
         precision=cfg.precision,
-        attention=cfg.flax_attention,
+        attention=attention,
         memory_bytes=memory,
         base_bytes_per_device=per_device(step.base_params),
         state_bytes_per_device=per_device(state),
@@ -716,13 +722,14 @@ def _worker_env(cfg: BenchConfig, framework: str) -> dict:
     return env
 
 
-def run_worker(cfg: BenchConfig, framework: str) -> dict:
+def run_worker(cfg: BenchConfig, framework: str, extra_env: dict[str, str] | None = None) -> dict:
     """Run one framework's benchmark in a fresh subprocess and return its result dict."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--worker", framework, "--worker_out", str(result_path), "--spec",
                json.dumps(dataclasses.asdict(cfg))]  # fmt: skip
-        proc = subprocess.run(cmd, env=_worker_env(cfg, framework), capture_output=True, text=True)
+        env = _worker_env(cfg, framework) | (extra_env or {})
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         last_line = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         if proc.returncode == 1 and last_line.startswith("error: "):  # a UserError in the worker: its one line
             raise UserError(f"{framework} worker: {last_line.removeprefix('error: ')}")
@@ -764,8 +771,12 @@ def format_table(summary: dict) -> str:
     for name, r in res.items():
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         label = name if r.get("devices", 1) == 1 else f"{name} ({r['devices']} CPU devices)"
-        rows.append([label, f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.3f}", f"{r['first_step_s']:.1f}",
-                     f"{r['memory_bytes'] / 2**20:.0f}", mfu, f"{r['first_loss']:.4f}->{r['last_loss']:.4f}"])  # fmt: skip
+        first, memory = f"{r['first_step_s']:.1f}", f"{r['memory_bytes'] / 2**20:.0f}"
+        if "first_step_warm_s" in r:  # cold (warm: from the persistent compilation cache)
+            first += f" (warm {r['first_step_warm_s']:.1f})"
+            memory += f" (warm {r['memory_bytes_warm'] / 2**20:.0f})"
+        rows.append([label, f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.3f}", first, memory, mfu,
+                     f"{r['first_loss']:.4f}->{r['last_loss']:.4f}"])  # fmt: skip
     if ratio:
         rows.append(["flax/torch", f"{ratio['steps_per_s']:.2f}x", f"{ratio['images_per_s']:.2f}x",
                      f"{ratio['first_step_s']:.2f}x", f"{ratio['memory_bytes']:.2f}x", "", ""])  # fmt: skip
@@ -801,6 +812,8 @@ def estimate_seconds(cfg: BenchConfig) -> float | None:
     for framework in cfg.framework_list:
         fixed, step = CPU_SECONDS[cfg.config][framework]
         total += fixed + (cfg.warmup + cfg.steps) * step * per_step_scale
+        if framework == "flax" and cfg.warm_first_step:  # the one-step rerun on the filled compilation cache
+            total += fixed + step * per_step_scale
     return total
 
 
@@ -814,6 +827,17 @@ def describe_estimate(cfg: BenchConfig) -> str:
             "steps each (from step times measured on a 2-core CPU; a GPU or more cores take less)")  # fmt: skip
 
 
+def run_flax_cold_and_warm(cfg: BenchConfig) -> dict:
+    """The flax worker on an empty persistent compilation cache, then once more (one step) on the filled one."""
+    with tempfile.TemporaryDirectory() as cache:
+        # The trainer's settings (flax_lora.compile_cache): only compiles of 1 s or more are stored.
+        env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
+        result = run_worker(cfg, "flax", env)
+        print("[bench] flax: again on the filled compilation cache (one step) ...", file=sys.stderr, flush=True)
+        warm = run_worker(dataclasses.replace(cfg, steps=1, warmup=0), "flax", env)
+    return result | {"first_step_warm_s": warm["first_step_s"], "memory_bytes_warm": warm["memory_bytes"]}
+
+
 def run_bench(cfg: BenchConfig) -> tuple[dict, Path]:
     """Run every requested framework, write the JSON and return (summary, its path)."""
     check_output(cfg)
@@ -822,7 +846,10 @@ def run_bench(cfg: BenchConfig) -> tuple[dict, Path]:
     for framework in cfg.framework_list:
         print(f"[bench] {framework}: config={cfg.config} batch={cfg.batch} precision={cfg.precision} "
               f"lora_mode={cfg.lora_mode} steps={cfg.steps} ...", file=sys.stderr, flush=True)  # fmt: skip
-        results[framework] = run_worker(cfg, framework)
+        if framework == "flax" and cfg.warm_first_step:
+            results[framework] = run_flax_cold_and_warm(cfg)
+        else:
+            results[framework] = run_worker(cfg, framework)
     summary = summarize(cfg, results)
     out = output_path(cfg, summary["platform"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,14 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # flax_lora.schedulers.SAMPLER_NAMES, spelled out here because that module imports JAX (a test keeps them equal).
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm++", "dpm++_karras", "euler", "euler_a", "pndm")
 REPORT_TO = ("tensorboard", "none")
+# flax_lora.attention.IMPLEMENTATIONS, spelled out here because that module imports JAX (a test keeps them equal).
+ATTENTION_IMPLEMENTATIONS = ("auto", "memory_efficient", "xla", "chunked", "cudnn", "pallas")
+_ATTENTION_HELP = (
+    "The UNet's attention kernel. auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16, head dims cuDNN takes), "
+    "the Pallas flash kernel on TPU (long sequences), else chunked on CPU (the fastest there) and xla on GPU/TPU; "
+    "memory_efficient: the same, but chunked wherever no fused kernel applies; xla: XLA's plain softmax "
+    "attention (the reference); chunked: ours, no score matrix kept; cudnn / pallas: that kernel or an error."
+)
 
 DEFAULT_TINY_MODEL = os.path.join("~", ".cache", "flax_lora", "tiny-sd1")
 DEFAULT_TINY_DATA = os.path.join("~", ".cache", "flax_lora", "tiny-shapes")
@@ -117,7 +125,11 @@ class TrainConfig:
     )
 
     # Batch and schedule
-    train_batch_size: int = _f(16, "Batch size per device (the global batch is this times the device count).")
+    train_batch_size: int = _f(
+        16,
+        "Batch size per device (the global batch is this times the device count); on a CPU host with the automatic "
+        "--num_cpu_devices, the whole batch, split over the cores.",
+    )
     num_train_epochs: int = _f(100, "Epochs to train; --max_train_steps overrides it when given.")
     max_train_steps: int | None = _f(None, "Total optimizer steps to run; overrides --num_train_epochs.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated before each optimizer update.")
@@ -147,10 +159,11 @@ class TrainConfig:
     )
     enable_xformers_memory_efficient_attention: bool = _f(
         False,
-        "diffusers' flag, kept for drop-in use: here the UNet's attention runs in chunks with a FlashAttention-2 "
-        "style backward (flax_lora.attention; no xformers needed). Same results, no attention matrix in memory; "
-        "faster on CPU.",
+        "diffusers' flag, kept for drop-in use: memory-efficient attention, i.e. --attention memory_efficient (a fused "
+        "kernel where the platform has one, else ours in chunks with a FlashAttention-2 backward; no xformers "
+        "needed). Same results, no attention matrix in memory.",
     )
+    attention: str = _f("auto", _ATTENTION_HELP, ATTENTION_IMPLEMENTATIONS)
     mixed_precision: str = _f(
         "no",
         "Compute dtype of the frozen model: 'bf16' (recommended on TPU and recent GPUs) or 'fp16'. LoRA weights "
@@ -195,7 +208,10 @@ class TrainConfig:
         0,
         "CPU only: split the host into this many XLA devices and train data-parallel over them (the global batch "
         "is --train_batch_size times the device count). XLA:CPU runs one device's step mostly on one core, so one "
-        "device per core trains faster (README: Benchmark). 0 keeps JAX's default of one CPU device.",
+        "device per core trains faster (README: Benchmark). 0 (automatic): on a CPU host, the most devices, at most "
+        "one per usable core, that divide --train_batch_size evenly; the flag then stays the whole batch, so the "
+        "run trains what one device would. Not in multi-process runs, nor when JAX has started or "
+        "JAX_NUM_CPU_DEVICES or XLA_FLAGS set the count. 1 turns the split off.",
     )
     coordinator_address: str | None = _f(
         None,
@@ -234,6 +250,11 @@ class TrainConfig:
                 value = getattr(self, name)
                 if value is not None and value < minimum:  # None: the flag is unset
                     raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+        if self.enable_xformers_memory_efficient_attention and self.attention == "xla":
+            raise ValueError(
+                "--enable_xformers_memory_efficient_attention asks for memory-efficient attention, --attention xla for "
+                "the plain one: give one of them"
+            )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma}")
         check_choices(self)
@@ -249,6 +270,13 @@ class TrainConfig:
         multi = (self.coordinator_address, self.num_processes, self.process_id)
         if any(v is not None for v in multi) and not all(v is not None for v in multi):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+
+    @property
+    def unet_attention(self) -> str:
+        """The UNet's attention implementation: --attention, made memory-efficient by the xformers flag."""
+        if self.enable_xformers_memory_efficient_attention and self.attention == "auto":
+            return "memory_efficient"
+        return self.attention
 
     @property
     def export_format_list(self) -> list[str]:
@@ -305,6 +333,7 @@ class InferConfig:
     )
     mixed_precision: str = _f("no", "Compute dtype: 'bf16' (TPU, recent GPUs) or 'fp16'; params stay float32.",
                               MIXED_PRECISION)
+    attention: str = _f("auto", _ATTENTION_HELP, ATTENTION_IMPLEMENTATIONS)
     output: str | None = _f(None, "PNG file to write (several images: numbered PATH-0.png, PATH-1.png, ...).")
     output_dir: str | None = _f(None, "Folder for the images (image-0.png, ...); used when --output is unset.")
     compilation_cache_dir: str = _f(DEFAULT_COMPILATION_CACHE, _CACHE_HELP)

@@ -83,7 +83,7 @@ class FlaxLoraPipeline:
         variant: str | None = None,
         dtype=jnp.float32,
         mesh=None,
-        attention: str = "xla",
+        attention: str = "auto",
         vae: str | None = None,
     ) -> "FlaxLoraPipeline":
         """Load a diffusers pipeline (hub id or local folder) into Flax; `vae` swaps in another AutoencoderKL."""
@@ -322,11 +322,13 @@ def run(config: InferConfig) -> list[str]:
     """Load the model and adapters, generate, write PNGs; return their paths."""
     from PIL import Image
 
+    from flax_lora.attention import check_platform as check_attention_platform
     from flax_lora.compile_cache import enable_compilation_cache
     from flax_lora.formats import resolve_adapter_file
     from flax_lora.loading import COMPUTE_DTYPES
 
     enable_compilation_cache(config.compilation_cache_dir)
+    check_attention_platform(config.attention)
     for path in config.lora:  # fail before the (slow) model load
         resolve_adapter_file(path)
     if config.output:
@@ -339,7 +341,7 @@ def run(config: InferConfig) -> list[str]:
     dtype = COMPUTE_DTYPES[config.mixed_precision]
     pipeline = FlaxLoraPipeline.from_pretrained(
         resolve_base_model(config), revision=config.revision, variant=config.variant, dtype=dtype,
-        vae=config.pretrained_vae_model_name_or_path,
+        vae=config.pretrained_vae_model_name_or_path, attention=config.attention,
     )
     for path, scale in zip(config.lora, config.scales):
         pipeline.load_lora(path, scale=scale, fuse=config.fuse_lora)

@@ -272,15 +272,15 @@ def load_pipeline(
     variant: str | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
-    attention: str = "xla",
+    attention: str = "auto",
     vae: str | None = None,
 ) -> SDPipeline:
     """Load UNet, text encoder(s), VAE, tokenizer(s) and scheduler config of a diffusers pipeline into Flax.
 
     `vae` replaces the pipeline's VAE by another AutoencoderKL (folder or hub id), e.g. SDXL's fp16-fix VAE.
 
-    `attention` picks the UNet's attention kernel (flax_lora.attention.IMPLEMENTATIONS): "chunked" gives the same
-    outputs and gradients without the full attention matrix; on CPU it is also faster.
+    `attention` picks the UNet's attention kernel (flax_lora.attention.IMPLEMENTATIONS): "auto" runs the platform's
+    fused kernel where it applies (cuDNN on NVIDIA GPUs, Pallas on TPU), else "chunked" on CPU and "xla" elsewhere.
     """
     folder = Path(resolve_pipeline_folder(name_or_path, revision, variant))
     index = _read_json(folder / "model_index.json")

@@ -7,6 +7,8 @@ Design:
   of every process, the frozen base is replicated or, with --fsdp, sharded (FSDP), LoRA params and optimizer state
   are replicated; gradient accumulation is a `lax.scan` over
   micro-batches inside the step, so one call is one optimizer update.
+- On a CPU host a fresh single-process run splits the CPU into XLA devices, up to one per core (XLA:CPU runs a
+  device's step mostly on one thread); --train_batch_size is then the whole batch, so it trains what one device would.
 - A batch holds either pixels + token ids (the step runs VAE and text encoder) or cached VAE posterior
   moments + text embeddings (the step only runs the UNet): `make_train_step` serves both and benchmarks.
   SDXL batches add `input_ids_2` (or `pooled_text_embeddings` when cached) and each example's `time_ids`
@@ -41,8 +43,10 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flax_lora.attention import check_platform as check_attention_platform
 from flax_lora.compile_cache import enable_compilation_cache
 from flax_lora.config import BUILTIN_RUN_DEFAULTS, DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
+from flax_lora.devices import global_batch_size, init_devices, log_cpu_split, usable_cores
 from flax_lora.errors import ExistingOutputError, MissingFileError, UserError, check_output_folder
 from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh, param_shardings, place, remat_compiler_options
 
@@ -639,29 +643,6 @@ def next_run_number(parent: str) -> int:
     return max((int(m.group(1)) for name in names if (m := re.fullmatch(r"run-(\d+)", name))), default=0) + 1
 
 
-def init_devices(config: TrainConfig) -> None:
-    """Set the CPU device count and start jax.distributed when several processes are configured."""
-    if config.num_cpu_devices:
-        try:
-            jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
-        except RuntimeError as e:  # JAX reads it once, when its backends start
-            raise RuntimeError(
-                f"--num_cpu_devices {config.num_cpu_devices} cannot take effect: this process has already started "
-                "JAX. Train in a fresh process, or set JAX_NUM_CPU_DEVICES before JAX starts."
-            ) from e
-    if config.coordinator_address is not None or config.multihost:
-        # CPU-only processes need an explicit collectives backend; GPU/TPU ignore this option.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if config.coordinator_address is not None:
-        jax.distributed.initialize(
-            coordinator_address=config.coordinator_address,
-            num_processes=config.num_processes,
-            process_id=config.process_id,
-        )
-    elif config.multihost:
-        jax.distributed.initialize()
-
-
 @dataclass
 class Run:
     """What `setup` builds for one training run; the phases after it (restore, loop, outputs) read it."""
@@ -761,9 +742,12 @@ class MetricsBuffer:
                 self.run.writer.add_scalar("train/images_per_sec", ips, step)
 
 
-def setup(config: TrainConfig) -> tuple[Run, TrainState]:
+def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     """Check the inputs, load the data and pipeline, build the mesh, loader, LoRA state, jitted step, checkpointer and
-    loggers. Cheap checks come first, and the output folder is created only once everything loaded."""
+    loggers. Cheap checks come first, and the output folder is created only once everything loaded.
+
+    `cpu_split`: the CPU devices `init_devices` chose itself; on a CPU host --train_batch_size is then the whole batch.
+    """
     from flax_lora.data import BatchLoader, load_training_data
     from flax_lora.loading import COMPUTE_DTYPES, load_pipeline
     from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraConfig, UNET_TARGETS, new_adapter
@@ -780,7 +764,16 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
             f"{ckpt_dir} already holds checkpoints (latest step {saved[-1]}); pass --resume_from_checkpoint latest "
             "to continue that run, or choose another --output_dir"
         )
+    if jax.default_backend() != "cpu":
+        cpu_split = 0  # the run trains on the accelerators; the split CPU backend goes unused
+    if cpu_split % config.fsdp:
+        raise UserError(
+            f"--fsdp {config.fsdp} needs a multiple of {config.fsdp} CPU devices that divides --train_batch_size "
+            f"{config.train_batch_size}, at most one per core ({usable_cores()}); change --train_batch_size, or pass "
+            "--num_cpu_devices N (then the global batch is --train_batch_size x N)"
+        )
     mesh = make_mesh(fsdp=config.fsdp)  # a --fsdp that does not divide the devices fails before any loading
+    check_attention_platform(config.unet_attention)
     data = load_training_data(config)  # before the model: a data mistake is reported in a second, not after the load
 
     compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
@@ -793,19 +786,21 @@ def setup(config: TrainConfig) -> tuple[Run, TrainState]:
         config.variant,
         dtype=compute_dtype,
         param_dtype=compute_dtype,
-        attention="chunked" if config.enable_xformers_memory_efficient_attention else "xla",
+        attention=config.unet_attention,
         vae=config.pretrained_vae_model_name_or_path,
     )
     if config.gradient_checkpointing:  # sampling ignores remat (no backward pass), so validation may share it
         pipe = dataclasses.replace(pipe, unet=pipe.unet.clone(remat=True))
     schedule = noise_schedule(pipe.scheduler_config, config.prediction_type)
 
-    global_batch = config.train_batch_size * jax.device_count()
+    global_batch = global_batch_size(config.train_batch_size, jax.device_count(), cpu_split)
+    if cpu_split:
+        log_cpu_split(global_batch, cpu_split, config.fsdp, sum(x.nbytes for x in jax.tree.leaves(pipe.params)))
     accum = config.gradient_accumulation_steps
     rows = process_rows(mesh, global_batch)
 
     latent_cache = time_ids_cache = text_cache = valid = None
-    local_batch = config.train_batch_size * jax.local_device_count()
+    local_batch = global_batch // jax.device_count() * jax.local_device_count()  # this process's rows of a batch
     if config.cache_latents:
         logger.info("caching VAE latents of %d images (the first batch compiles the encoder)...", len(data))
         latent_cache, time_ids_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype)
@@ -1035,7 +1030,7 @@ def removed_if_unwritten(output_dir: str, logging_dir: str) -> Iterator[None]:
 
 def main(config: TrainConfig) -> dict:
     """Train a LoRA adapter as configured; returns a summary (paths, final step, losses)."""
-    init_devices(config)
+    cpu_split = init_devices(config)
     enable_compilation_cache(config.compilation_cache_dir)
     if config.uses_builtin_defaults:
         config = apply_builtin_defaults(config)
@@ -1046,7 +1041,7 @@ def main(config: TrainConfig) -> dict:
 
     # Only the set-up may remove what it created: a run that has started training keeps its logs whatever happens.
     with removed_if_unwritten(output_folder(config), config.logging_dir):
-        run, state = setup(config)
+        run, state = setup(config, cpu_split)
     try:
         state, history = restore(run, state)
         state, last_saved, preempted = train_loop(run, state, history)

@@ -14,10 +14,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_train.py"
 
 def test_bench_tiny_reports_both_frameworks(tmp_path):
     out = tmp_path / "tiny.json"
-    # The CPU options of the README's figures: chunked attention, one XLA device per core (0 = auto).
+    # The defaults: attention auto (chunked on CPU), one XLA device per core, a warm rerun on the compile cache.
     cmd = [sys.executable, str(BENCH), "--config", "tiny", "--steps", "2", "--warmup", "0", "--batch", "2",
-           "--device", "cpu", "--flax_attention", "memory_efficient", "--flax_cpu_devices", "0",
-           "--out", str(out)]  # fmt: skip
+           "--device", "cpu", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(out) in proc.stdout  # the JSON path is printed
@@ -31,7 +30,11 @@ def test_bench_tiny_reports_both_frameworks(tmp_path):
         assert r["mfu"] is None  # MFU only for sd15 on a GPU
     # Same adapter size on both sides: same targets and rank.
     assert summary["results"]["flax"]["lora_params"] == summary["results"]["torch"]["lora_params"]
-    assert summary["results"]["flax"]["step_impl"] == "flax_lora.train.make_train_step"
+    flax = summary["results"]["flax"]
+    assert flax["step_impl"] == "flax_lora.train.make_train_step"
+    # The rerun loads the step from the persistent cache instead of compiling it: its first step is faster.
+    assert 0 < flax["first_step_warm_s"] < flax["first_step_s"] and flax["memory_bytes_warm"] > 0
+    assert "warm" in proc.stdout
     cores = len(os.sched_getaffinity(0))
     assert summary["results"]["flax"]["devices"] == (cores if 2 % cores == 0 else 1)
     ratio = summary["ratio_flax_over_torch"]

@@ -230,8 +230,9 @@ def test_jit_and_lora(saved):
     ids = jnp.asarray(IDS[:, :9])  # shorter than max_position_embeddings
     eager = model.apply({"params": params}, ids)
     jitted = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids)
-    np.testing.assert_allclose(jitted.last_hidden_state, eager.last_hidden_state, atol=1e-6)
-    np.testing.assert_allclose(jitted.pooler_output, eager.pooler_output, atol=1e-6)
+    # XLA fuses the jitted graph differently from op-by-op dispatch: equal up to float32 rounding
+    np.testing.assert_allclose(jitted.last_hidden_state, eager.last_hidden_state, atol=1e-5)
+    np.testing.assert_allclose(jitted.pooler_output, eager.pooler_output, atol=1e-5)
 
     rng = np.random.default_rng(0)
     down, up, scale = rng.normal(size=(32, 2)), rng.normal(size=(2, 32)), np.full((2,), 0.5)

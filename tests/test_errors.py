@@ -73,6 +73,10 @@ def test_cli_user_errors_are_one_line(tmp_path):
     (tmp_path / "models").mkdir()  # so models/sd15 is a mistyped local path, not a hub id
     lines = _cli(tmp_path, str(ROOT / "infer_flax.py"), "--pretrained_model_name_or_path", "models/sd15", "--prompt", "x")
     assert lines[-1] == "error: pipeline folder models/sd15 does not exist (a hub id looks like 'owner/name')"
+    # a GPU kernel on this CPU-only machine: refused before the model is looked for
+    lines = _cli(tmp_path, str(ROOT / "infer_flax.py"), "--pretrained_model_name_or_path", "models/sd15", "--prompt", "x",
+                 "--attention", "cudnn")  # fmt: skip
+    assert lines[-1] == "error: --attention cudnn runs on GPUs only; this run is on cpu: use --attention auto"
     (tmp_path / "afile").write_text("")
     lines = _cli(tmp_path, str(ROOT / "bench" / "bench_train.py"), "--config", "tiny", "--out", "afile/r.json")
     assert lines[-1] == f"error: --out afile/r.json: {tmp_path / 'afile'} is a file, not a folder"

@@ -233,9 +233,10 @@ def test_hub_id_downloads_only_the_chosen_weights(tiny_sd1_path, monkeypatch):
 def test_chunked_attention_gives_the_same_unet_output_and_lora_gradients(tiny_sd1_path):
     from flax_lora.lora import LoraConfig, new_adapter
 
-    standard = load_pipeline(tiny_sd1_path)
+    standard = load_pipeline(tiny_sd1_path, attention="xla")
     chunked = load_pipeline(tiny_sd1_path, attention="chunked")
     assert chunked.unet.attention == "chunked" and standard.unet.attention == "xla"
+    assert load_pipeline(tiny_sd1_path).unet.attention == "auto"  # the default
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)  # 256 queries: several chunks
     text = rng.standard_normal((2, 16, 32)).astype(np.float32)

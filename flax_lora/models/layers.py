@@ -198,14 +198,14 @@ class Upsample2D(nn.Module):
 
 
 def multi_head_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, heads: int, causal: bool = False, implementation: str = "xla"
+    query: jax.Array, key: jax.Array, value: jax.Array, heads: int, causal: bool = False, implementation: str = "auto"
 ) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over (batch, length, heads * head_dim) arrays, split into `heads` heads."""
     batch, q_len, width = query.shape
     head_dim = width // heads
 
-    def split(x: jax.Array) -> jax.Array:  # (B, L, H*D) -> (B*H, L, D)
-        return x.reshape(batch, x.shape[1], heads, head_dim).transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], head_dim)
+    def split(x: jax.Array) -> jax.Array:  # (B, L, H*D) -> (B, L, H, D)
+        return x.reshape(batch, x.shape[1], heads, head_dim)
 
     out = attention_kernels.attention(split(query), split(key), split(value), head_dim**-0.5, causal, implementation)
-    return out.reshape(batch, heads, q_len, head_dim).transpose(0, 2, 1, 3).reshape(batch, q_len, width)
+    return out.reshape(batch, q_len, width)

@@ -261,7 +261,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -303,7 +303,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -330,7 +330,7 @@ class Transformer2DModel(nn.Module):
     groups: int
     use_linear_projection: bool
     dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    attention: str = "auto"
     remat: bool = False
 
     @nn.compact
@@ -367,7 +367,7 @@ class UNetBlock(nn.Module):
     config: UNetConfig
     add_sampler: bool
     dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    attention: str = "auto"
     remat: bool = False
 
     def _transformer(self, i: int) -> Transformer2DModel:
@@ -428,7 +428,7 @@ class UNet2DConditionModel(nn.Module):
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    attention: str = "auto"
     remat: bool = False
 
     @nn.compact
@@ -525,7 +525,7 @@ def load_unet(
     source: str,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-    attention: str = "xla",
+    attention: str = "auto",
 ) -> tuple[UNet2DConditionModel, dict]:
     """Our UNet and its params (cast to `param_dtype`) from a diffusers PyTorch state dict."""
     model = UNet2DConditionModel(config, dtype, attention)

@@ -14,15 +14,17 @@ Design:
   runs a bench-local step with the same loss; `--flax_step local` runs that local step unmerged too, to
   compare like with like.
 - On CPU both workers get the same cores (`--threads`): PyTorch as intra-op threads, the flax side as one XLA
-  device (default) or as `--flax_cpu_devices` devices trained data-parallel, as the trainer's --num_cpu_devices
-  does. `--huge_pages` (default on) sets the same glibc huge-page tunable for both.
+  device per core (default, the batch split between them, as the trainer does on CPU) or `--flax_cpu_devices`
+  devices. `--huge_pages` (default on) sets the same glibc huge-page tunable for both.
+- The flax worker runs twice by default: on an empty persistent compilation cache, then one step on the filled
+  one (`--warm_first_step`), for the first step's time cold and warm.
 - The flax UNet is the class `flax_lora.loading` builds (`unet_class()`: exact GELU and PyTorch's GroupNorm
   numerics), so both frameworks compute the same function.
 - `--compile_only` runs nothing: it builds the project's train step from abstract shapes (`jax.eval_shape`,
   `jax.ShapeDtypeStruct` with shardings; no weights, no big allocation), compiles it for N fake CPU devices (one
   subprocess per row, the device count set before JAX starts) with and without --fsdp and --gradient_checkpointing,
   and reports XLA's per-device `memory_analysis()`. It answers "does this fit on a 16 GB / 80 GB chip?" for real
-  sizes (`--config sdxl`) on any machine; XLA:GPU/TPU schedule differently, so it is an estimate (bench/README.md).
+  sizes (`--config sdxl`) on any machine; XLA:GPU/TPU schedule differently, so it is an estimate (README: Benchmark).
 """
 
 from __future__ import annotations
@@ -299,6 +301,23 @@ def _peak_rss_bytes() -> int:
 # ------------------------------------------------------------------------------------------- flax worker
 
 
+def host_init(shapes, seed: int) -> dict:
+    """Random weights as the Flax modules initialise them (LeCun-normal kernels, zero biases, unit norm scales),
+    drawn with numpy: no compiled init program, whose compile would add to the worker's peak memory."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = path[-1].key
+        if name == "kernel":
+            return (rng.standard_normal(x.shape) * math.prod(x.shape[:-1]) ** -0.5).astype(np.float32)
+        return (np.ones if name == "scale" else np.zeros)(x.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 def _flax_local_step(unet, optimizer, schedule, scale: float, merged: bool, compute_dtype):
     """A train step with the project step's loss, LoRA either unmerged (the LoRA collection) or merged into the kernels."""
     import jax
@@ -355,7 +374,7 @@ def run_flax(cfg: BenchConfig) -> dict:
 
     from flax_lora.loading import SDPipeline
     from flax_lora.lora import LoraConfig, UNET_TARGETS, init_lora
-    from flax_lora.models.unet import UNet2DConditionModel, UNetConfig
+    from flax_lora.models.unet import UNet2DConditionModel, UNetConfig, init_shapes
     from flax_lora.models.vae import AutoencoderKL, VAEConfig
     from flax_lora.sharding import batch_sharding, make_mesh
     from flax_lora.train import NoiseSchedule, create_train_state, make_train_step
@@ -366,14 +385,12 @@ def run_flax(cfg: BenchConfig) -> dict:
     compute_dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
     unet_cfg = UNetConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(cfg).items()})
     unet = UNet2DConditionModel(unet_cfg, dtype=compute_dtype, attention=cfg.attention)
-    rng = jax.random.PRNGKey(cfg.seed)
     lora_config = LoraConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=UNET_TARGETS)
     # Build on the host, so the accelerator's peak memory holds only what training keeps there (the base in the
     # compute dtype), as on the PyTorch side, which casts before moving the UNet to the GPU.
     with jax.default_device(_host_device(jax)):
         lat_shape, emb_shape = _input_shapes(cfg)
-        sample, context = jnp.zeros((1,) + lat_shape[1:]), jnp.zeros((1,) + emb_shape[1:])
-        base = jax.jit(lambda key: unet.init(key, sample, jnp.zeros((1,)), context)["params"])(rng)
+        base = jax.tree.map(jnp.asarray, host_init(init_shapes(unet_cfg), cfg.seed))
         lora = init_lora(jax.random.PRNGKey(cfg.seed + 1), base, lora_config)
         base = jax.tree.map(lambda x: x.astype(compute_dtype), base)
     optimizer = optax.adamw(cfg.learning_rate)

@@ -24,6 +24,7 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+OPTIMIZERS = ("adamw", "prodigy", "lion", "adafactor")
 # flax_lora.schedulers.SAMPLER_NAMES, spelled out here because that module imports JAX (a test keeps them equal).
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm++", "dpm++_karras", "euler", "euler_a", "pndm")
 REPORT_TO = ("tensorboard", "none")
@@ -123,6 +124,16 @@ class TrainConfig:
         "Encode every caption with the text encoder once before training (not with --train_text_encoder; "
         "with several captions per image, the first one is used).",
     )
+    caption_dropout_rate: float = _f(
+        0.0,
+        "Replace each example's caption by the empty one with this probability (kohya's flag), drawn from --seed and "
+        "the example's position in the data stream, so a resumed run drops the same ones.",
+    )
+    validation_split: float | None = _f(
+        None,
+        "Hold out this fraction (0 < F < 1) of the training examples, chosen from --seed, and log their denoising "
+        "loss (fixed noise and timesteps) as val/loss at each validation and at the end.",
+    )
 
     # Batch and schedule
     train_batch_size: int = _f(
@@ -146,6 +157,19 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay (applied to the LoRA weights only).")
     adam_epsilon: float = _f(1e-8, "Adam epsilon.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this global norm (0 disables clipping).")
+    optimizer: str = _f(
+        "adamw",
+        "adamw; prodigy (optax.contrib.prodigy: pass --learning_rate 1.0, the schedule then scales its estimated step "
+        "size); lion (usually 3-10x lower lr than AdamW); adafactor (no parameter-scaled steps, as kohya's "
+        "recommended settings). Betas and weight decay come from the --adam_* flags (adafactor: weight decay only).",
+        OPTIMIZERS,
+    )
+    use_ema: bool = _f(
+        False,
+        "Keep an exponential moving average of the LoRA weights (diffusers' EMAModel warmup: decay 0 at the first "
+        "update, then min(--ema_decay, (1+n)/(10+n)) after n updates); the adapter files and validation use the EMA.",
+    )
+    ema_decay: float = _f(0.9999, "Largest EMA decay with --use_ema (diffusers' EMAModel default).")
 
     # Diffusion loss
     snr_gamma: float | None = _f(
@@ -255,6 +279,12 @@ class TrainConfig:
                 "--enable_xformers_memory_efficient_attention asks for memory-efficient attention, --attention xla for "
                 "the plain one: give one of them"
             )
+        if not 0.0 <= self.caption_dropout_rate <= 1.0:
+            raise ValueError(f"--caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate}")
+        if self.validation_split is not None and not 0.0 < self.validation_split < 1.0:
+            raise ValueError(f"--validation_split must be in (0, 1), e.g. 0.1, got {self.validation_split}")
+        if self.use_ema and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in (0, 1) with --use_ema (e.g. 0.9999), got {self.ema_decay}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma}")
         check_choices(self)

@@ -334,6 +334,7 @@ class BatchLoader:
     with `text_cache` ({name: (n, ...)}, e.g. `text_embeddings`) those arrays instead of `input_ids`.
     SDXL loaders (`tokenizer_2` set) add `input_ids_2` and `time_ids` (n, 6: original size, crop top-left,
     target size of each example as it was cropped; `time_ids_cache` (n, flips, 6) with cached latents).
+    `caption_dropout_rate` replaces a caption by "" (with a text cache: by `empty_text`, the empty caption's arrays).
     """
 
     data: CaptionedImages
@@ -352,6 +353,8 @@ class BatchLoader:
     tokenizer_2: Any = None
     time_ids_cache: np.ndarray | None = None
     valid: np.ndarray | None = None  # indices usable for training (cached mode drops bad images up front)
+    caption_dropout_rate: float = 0.0
+    empty_text: dict[str, np.ndarray] | None = None
     bad_images: set = field(default_factory=set)
     _perms: dict = field(default_factory=dict)
     _pool: Any = None
@@ -361,6 +364,8 @@ class BatchLoader:
             self.valid = np.arange(len(self.data))
         if len(self.valid) == 0:
             raise UserError(f"no readable training images in {self.data.source}")
+        if self.caption_dropout_rate > 0 and self.text_cache is not None and self.empty_text is None:
+            raise ValueError("caption dropout with a text cache needs the empty caption's arrays (empty_text)")
         if self.num_workers > 0:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
 
@@ -398,6 +403,11 @@ class BatchLoader:
             return (idx, *crop_image(img, self.resolution, self.center_crop, self.random_flip, rng))
         raise BadImageError(f"none of the {n} images in {self.data.source} could be read")
 
+    def caption_dropped(self, position: int) -> bool:
+        """Whether the example at a stream position trains on the empty caption (a seeded draw: resume is exact)."""
+        rate = self.caption_dropout_rate
+        return rate > 0 and bool(np.random.default_rng([self.seed, 3, position]).random() < rate)
+
     def _example(self, position: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, 1, position])
         out = {}
@@ -410,9 +420,14 @@ class BatchLoader:
             time_ids = None if self.time_ids_cache is None else self.time_ids_cache[idx, flip]
         if self.tokenizer_2 is not None:
             out["time_ids"] = time_ids
+        dropped = self.caption_dropped(position)
         if self.text_cache is None:
             caps = self.data.captions(idx)
             out["caption"] = caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0]
+            if dropped:  # after the draw above, so the other examples' captions stay as without dropout
+                out["caption"] = ""
+        elif dropped:
+            out.update(self.empty_text)
         else:
             out.update({name: table[idx] for name, table in self.text_cache.items()})
         return out

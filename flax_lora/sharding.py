@@ -7,7 +7,7 @@ Design:
   "fsdp" group, so a device stores 1/N of it; XLA's SPMD partitioner all-gathers a weight where a layer uses it.
   N = 1 gives an "fsdp" axis of size 1: every device holds a full copy, as a plain data-parallel mesh does.
 - LoRA params and their AdamW state stay replicated: fp32 weights plus two moments are 12 bytes per LoRA param,
-  70 MB for SDXL's UNet at rank 4 (5.8 M params; bench/README.md) against 1.3 GB for a quarter of its bf16 base:
+  70 MB for SDXL's UNet at rank 4 (5.8 M params; README: Benchmark) against 1.3 GB for a quarter of its bf16 base:
   too little to be worth sharding.
 """
 

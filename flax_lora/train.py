@@ -16,7 +16,8 @@ Design:
 - Validation images come from `flax_lora.inference`'s pipeline on the step's base params and mesh; the
   current LoRA weights are traced arguments of its sampler, so it compiles once for the whole run.
 - Data position = step (see flax_lora.data), so an orbax checkpoint of TrainState plus the step
-  resumes exactly; SIGTERM saves one and exits.
+  resumes exactly; SIGTERM saves one and exits. --use_ema's average is the last link of the optax chain
+  (`ema_of_params`), so it is jitted, replicated, checkpointed and restored as optimizer state.
 - `main` reads as its phases: `setup` (pipeline, data, step, checkpointer, loggers into one `Run`), `restore`,
   `train_loop`, `write_outputs`; step metrics pass through one `MetricsBuffer`.
 """
@@ -34,7 +35,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,21 +161,74 @@ def lr_schedule(
     return fn
 
 
+class EmaState(NamedTuple):
+    """Optimizer state of `ema_of_params`: updates applied so far and the averaged weights."""
+
+    count: jax.Array
+    ema: Any
+
+
+def ema_of_params(max_decay: float) -> optax.GradientTransformation:
+    """Last link of an optax chain: track an EMA of the params the final updates produce; updates pass unchanged.
+
+    The decay warms up as diffusers' EMAModel: 0 at the first update (the EMA starts at those weights), then
+    min(max_decay, (1 + n) / (10 + n)) at the update after n earlier ones. Living in the optimizer state, the EMA
+    is jitted, replicated, checkpointed and restored with it.
+    """
+
+    def init(params):
+        return EmaState(count=jnp.zeros((), jnp.int32), ema=jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema_of_params needs the params: call optimizer.update(grads, state, params)")
+        n = state.count.astype(jnp.float32)
+        decay = jnp.where(n > 0, jnp.minimum(max_decay, (1.0 + n) / (10.0 + n)), 0.0)
+        new_params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), state.ema, new_params)
+        return updates, EmaState(count=state.count + 1, ema=ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_weights(state: TrainState) -> dict | None:
+    """The EMA of the LoRA weights held in the optimizer state (--use_ema), else None."""
+    found = [s for s in (state.opt_state if isinstance(state.opt_state, tuple) else ()) if isinstance(s, EmaState)]
+    return found[0].ema if found else None
+
+
+def exported_weights(state: TrainState) -> dict:
+    """The LoRA weights that validation and the adapter files use: the EMA with --use_ema, else the trained ones."""
+    ema = ema_weights(state)
+    return state.params if ema is None else ema
+
+
 def make_optimizer(config: TrainConfig, total_steps: int, learning_rate: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and the configured learning-rate schedule."""
+    """--optimizer after global-norm clipping, with the configured learning-rate schedule (and the EMA, last)."""
     schedule = lr_schedule(
         config.lr_scheduler, learning_rate, config.lr_warmup_steps, total_steps, config.lr_num_cycles, config.lr_power
     )
-    parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm > 0 else []
-    parts.append(
-        optax.adamw(
-            schedule,
-            b1=config.adam_beta1,
-            b2=config.adam_beta2,
-            eps=config.adam_epsilon,
+    betas = dict(b1=config.adam_beta1, b2=config.adam_beta2)
+    if config.optimizer == "adamw":
+        opt = optax.adamw(schedule, **betas, eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+    elif config.optimizer == "prodigy":  # the lr multiplies its estimated step size: 1.0, as Prodigy's users pass
+        opt = optax.contrib.prodigy(
+            schedule, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
             weight_decay=config.adam_weight_decay,
         )
-    )
+    elif config.optimizer == "lion":
+        opt = optax.lion(schedule, **betas, weight_decay=config.adam_weight_decay)
+    elif config.optimizer == "adafactor":
+        # Not scaled by each weight's RMS: LoRA's `up` starts at zero, and kohya recommends scale_parameter=False.
+        opt = optax.adafactor(
+            schedule, multiply_by_parameter_scale=False, weight_decay_rate=config.adam_weight_decay or None
+        )
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm > 0 else []
+    parts.append(opt)
+    if config.use_ema:
+        parts.append(ema_of_params(config.ema_decay))
     return optax.chain(*parts), schedule
 
 
@@ -208,7 +262,9 @@ def create_train_state(lora_params: dict, optimizer: optax.GradientTransformatio
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(lora_params)):
         abstract = jax.eval_shape(fresh, lora_params)
         return place(abstract, jax.tree.map(lambda _: replicated, abstract))
-    return jax.device_put(fresh(lora_params), replicated)
+    # One buffer per leaf: optimizer states that start as the params (Prodigy's x0, the EMA) would otherwise share
+    # theirs, and the step, which donates its state, would free one buffer twice.
+    return jax.device_put(jax.tree.map(jnp.copy, fresh(lora_params)), replicated)
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -231,13 +287,18 @@ def lora_layers(lora: dict, scales: dict[str, float], component: str) -> tuple:
 class TrainStep:
     """A jitted train step bound to frozen base params: `step(state, batch) -> (state, metrics)`."""
 
-    def __init__(self, jitted: Callable, base_params: dict, mesh: Mesh):
+    def __init__(self, jitted: Callable, base_params: dict, mesh: Mesh, loss_jitted: Callable | None = None):
         self.jitted = jitted
         self.base_params = base_params
         self.mesh = mesh
+        self.loss_jitted = loss_jitted
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self.jitted(state, self.base_params, batch)
+
+    def loss(self, params: dict, batch: dict, rng: jax.Array) -> jax.Array:
+        """The step's loss of LoRA params on a batch's first micro-batch (noise, timesteps from rng); no update."""
+        return self.loss_jitted(params, self.base_params, batch, rng)
 
     def compiled_count(self) -> int:
         """How many times the step was traced/compiled (1 after any number of same-shaped calls)."""
@@ -329,7 +390,13 @@ def make_train_step(
         donate_argnums=(0,),
         compiler_options=remat_compiler_options(mesh) if getattr(pipe.unet, "remat", False) else None,
     )
-    return TrainStep(jitted, base, mesh)
+    # Compiled at its first call only (--validation_split).
+    loss_jitted = jax.jit(
+        lambda lora, base, batch, rng: micro_loss(lora, base, jax.tree.map(lambda x: x[0], batch), rng),
+        in_shardings=(replicated, base_sharding, batch_sharding(mesh), replicated),
+        out_shardings=replicated,
+    )
+    return TrainStep(jitted, base, mesh, loss_jitted)
 
 
 # ------------------------------------------------------------------------------------ host <-> devices
@@ -437,6 +504,11 @@ def cache_latents(
 def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> dict[str, np.ndarray]:
     """The UNet's text conditioning for each example's first caption: `text_embeddings` (n, L, D), and for SDXL
     `pooled_text_embeddings` (n, P)."""
+    return encode_captions(pipe, [data.captions(i)[0] for i in range(len(data))], batch, dtype)
+
+
+def encode_captions(pipe, captions: list[str], batch: int, dtype=jnp.float32) -> dict[str, np.ndarray]:
+    """`cache_text`'s arrays for a list of captions."""
 
     def encode(params, ids):
         context, pooled = pipe.encode_prompt(params, ids)
@@ -445,9 +517,41 @@ def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> dict[str, np.ndarra
             out["pooled_text_embeddings"] = pooled.astype(jnp.float32)
         return out
 
-    ids = pipe.tokenize([data.captions(i)[0] for i in range(len(data))])
+    ids = pipe.tokenize(captions)
     encoders = {c: _cast(pipe.params[c], dtype) for c in ("text_encoder", "text_encoder_2") if c in pipe.params}
     return _local_map(encode, ids, batch, encoders)
+
+
+def split_examples(indices: np.ndarray, fraction: float | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training, held-out) example indices for --validation_split, drawn from the seed; None held out without it."""
+    if fraction is None:
+        return indices, None
+    if len(indices) < 2:
+        raise UserError(f"--validation_split {fraction} needs at least 2 training examples, got {len(indices)}")
+    held = min(max(1, round(fraction * len(indices))), len(indices) - 1)  # at least one example on each side
+    order = np.random.default_rng([seed, 4]).permutation(len(indices))
+    return np.sort(indices[order[held:]]), np.sort(indices[order[:held]])
+
+
+def validation_loss(run: Run, state: TrainState) -> float:
+    """Mean loss of the held-out examples with the exported weights; the same noise and timesteps every time."""
+    loader, key = run.val_loader, jax.random.PRNGKey(run.seed + 3)
+    params = exported_weights(state)
+    batches = math.ceil(loader.num_examples / run.global_batch)  # the last one wraps around to the first examples
+    losses = []
+    for i in range(batches):
+        batch = put_batch(loader.batch(i), run.mesh, run.global_batch, run.rows)
+        losses.append(run.train_step.loss(params, batch, jax.random.fold_in(key, i)))
+    return float(np.mean([to_host(x) for x in losses]))
+
+
+def log_validation_loss(run: Run, state: TrainState, step: int) -> None:
+    """Compute val/loss, keep it in the run's history and log it."""
+    loss = validation_loss(run, state)
+    run.val_history.append((step, loss))
+    logger.info("val/loss %.5f at step %d", loss, step)
+    if run.writer is not None:
+        run.writer.add_scalar("val/loss", loss, step)
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -544,8 +648,8 @@ def resolve_resume(resume: str, output_dir: str) -> tuple[str, int | None]:
 # ---------------------------------------------------------------------------------------------- logging
 
 
-def save_loss_plot(history: list[tuple[int, float]], path: str) -> None:
-    """Write a PNG of the loss per step with a moving average."""
+def save_loss_plot(history: list[tuple[int, float]], path: str, val_history: list[tuple[int, float]] = ()) -> None:
+    """Write a PNG of the loss per step with a moving average, and the validation loss when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -560,6 +664,9 @@ def save_loss_plot(history: list[tuple[int, float]], path: str) -> None:
     if k > 1:
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
         ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+    if len(val_history):
+        val_steps, val_losses = np.asarray(val_history, np.float64).T
+        ax.plot(val_steps, val_losses, "o-", lw=1.5, ms=3, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -665,6 +772,8 @@ class Run:
     resume_step: int | None  # None: the latest checkpoint (with --resume_from_checkpoint)
     writer: Any = None  # TensorBoard writer on process 0
     validation: tuple | None = None  # (FlaxLoraPipeline, sampler name) when validation images are asked for
+    val_loader: Any = None  # BatchLoader of the held-out examples (--validation_split)
+    val_history: list = dataclasses.field(default_factory=list)  # (step, val/loss), restored with the checkpoint
 
     @property
     def is_main(self) -> bool:
@@ -804,15 +913,28 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     if config.cache_latents:
         logger.info("caching VAE latents of %d images (the first batch compiles the encoder)...", len(data))
         latent_cache, time_ids_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype)
+    empty_text = None
     if config.cache_text_embeddings:
         logger.info("caching text embeddings of %d captions...", len(data))
         text_cache = cache_text(pipe, data, local_batch, compute_dtype)
-    loader = BatchLoader(
-        data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed,
+        if config.caption_dropout_rate > 0:  # what a dropped caption trains on
+            empty_text = {k: v[0] for k, v in encode_captions(pipe, [""], local_batch, compute_dtype).items()}
+    valid, held_out = split_examples(np.arange(len(data)) if valid is None else valid, config.validation_split, seed)
+    common = dict(
         center_crop=config.center_crop, random_flip=config.random_flip, skip_bad_images=config.skip_bad_images,
-        num_workers=config.dataloader_num_workers, latent_cache=latent_cache, text_cache=text_cache, valid=valid,
-        tokenizer_2=pipe.tokenizer_2, time_ids_cache=time_ids_cache,
+        latent_cache=latent_cache, text_cache=text_cache, tokenizer_2=pipe.tokenizer_2, time_ids_cache=time_ids_cache,
     )
+    loader = BatchLoader(
+        data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed, valid=valid,
+        num_workers=config.dataloader_num_workers, caption_dropout_rate=config.caption_dropout_rate,
+        empty_text=empty_text, **common,
+    )
+    val_loader = None
+    if held_out is not None:
+        logger.info("holding out %d of %d examples for val/loss", len(held_out), len(held_out) + len(valid))
+        val_loader = BatchLoader(
+            data, pipe.tokenizer, config.resolution, global_batch, rows, seed=seed, valid=held_out, **common
+        )
     per_step = global_batch * accum
     steps_per_epoch = math.ceil(loader.num_examples / per_step)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -854,7 +976,7 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
         rows=rows, output_dir=output_dir, seed=seed, global_batch=global_batch, per_step=per_step,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, learning_rate=learning_rate,
         checkpointer=Checkpointer(ckpt_dir, config.checkpoints_total_limit), resume_step=resume_step,
-        writer=writer, validation=validation,
+        writer=writer, validation=validation, val_loader=val_loader,
     )
     return run, state
 
@@ -875,8 +997,8 @@ def restore(run: Run, state: TrainState) -> tuple[TrainState, list[tuple[int, fl
     except ValueError as e:  # orbax: the stored tree or a shape differs from this run's LoRA state
         raise UserError(
             f"checkpoint {os.path.join(checkpointer.directory, str(step))} does not fit this run: it was written with "
-            "other LoRA settings (--rank, --train_text_encoder); resume with the flags of the run that wrote it "
-            f"({str(e).splitlines()[0][:200]})"
+            "other LoRA or optimizer settings (--rank, --train_text_encoder, --optimizer, --use_ema); resume with the "
+            f"flags of the run that wrote it ({str(e).splitlines()[0][:200]})"
         ) from e
     if meta.get("samples_per_step") != run.per_step or meta.get("seed") != run.seed:
         logger.warning(
@@ -884,6 +1006,7 @@ def restore(run: Run, state: TrainState) -> tuple[TrainState, list[tuple[int, fl
             "differs from an uninterrupted run", meta.get("samples_per_step"), meta.get("seed"), run.per_step, run.seed,
         )
     logger.info("resumed from %s at step %d", os.path.join(checkpointer.directory, str(step)), step)
+    run.val_history[:] = [tuple(h) for h in meta.get("val_loss_history", [])]
     return state, [tuple(h) for h in meta.get("loss_history", [])]
 
 
@@ -893,12 +1016,15 @@ def save_checkpoint(run: Run, state: TrainState, history: list[tuple[int, float]
     meta = {
         "samples_per_step": run.per_step, "seed": run.seed, "num_examples": run.loader.num_examples, "step": step,
         "data_position": step * run.per_step, "bad_images": len(run.loader.bad_images), "loss_history": history,
+        "val_loss_history": run.val_history,
     }
     return run.checkpointer.save(state, meta)
 
 
 def validate(run: Run, state: TrainState, step: int, final: bool = False) -> list[str]:
-    """Sample validation images with the current LoRA weights; process 0 writes them. Returns their paths."""
+    """Sample validation images with the current LoRA weights (the EMA with --use_ema); process 0 writes them.
+
+    Returns their paths."""
     if run.validation is None:
         return []
     from PIL import Image
@@ -913,7 +1039,7 @@ def validate(run: Run, state: TrainState, step: int, final: bool = False) -> lis
         "" if pipeline.trace_count else " (the first call compiles the sampler)",
     )
     pipeline.unload_loras()  # the adapter is the current weights; same shapes, so no recompilation
-    pipeline.add_lora(LoraAdapter(params=to_host(state.params), configs=run.lora_configs), name="training")
+    pipeline.add_lora(LoraAdapter(params=to_host(exported_weights(state)), configs=run.lora_configs), name="training")
     images = to_uint8(pipeline(
         config.validation_prompt, num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale, scheduler=scheduler, height=config.resolution,
@@ -961,6 +1087,10 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
                 state, metrics = run.train_step(state, batch)
                 done = step + 1
                 metrics_buffer.push(done, metrics)
+                due = done % run.steps_per_epoch == 0 and (done // run.steps_per_epoch) % config.validation_epochs == 0
+                if run.val_loader is not None and (due or done == run.total_steps):  # before the checkpoint keeps it
+                    with metrics_buffer.paused():
+                        log_validation_loss(run, state, done)
                 stop = preemption.check(done)
                 if done % config.checkpointing_steps == 0 or stop:
                     with metrics_buffer.paused():
@@ -970,8 +1100,7 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
                         preempted = True
                         logger.warning("preempted (SIGTERM): saved step %d; resume with --resume_from_checkpoint latest", done)
                         break
-                epoch_end = done % run.steps_per_epoch == 0
-                if epoch_end and done != run.total_steps and (done // run.steps_per_epoch) % config.validation_epochs == 0:
+                if due and done != run.total_steps:
                     with metrics_buffer.paused():
                         validate(run, state, done)
             metrics_buffer.flush()
@@ -989,7 +1118,9 @@ def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]])
     if run.loader.bad_images:
         logger.warning("%d unreadable images were skipped", len(run.loader.bad_images))
     final_step = int(to_host(state.step))
-    final_adapter = LoraAdapter(params=to_host(state.params), configs=run.lora_configs, base_model=run.pipe.name)
+    final_adapter = LoraAdapter(
+        params=to_host(exported_weights(state)), configs=run.lora_configs, base_model=run.pipe.name
+    )
     samples = validate(run, state, final_step, final=True)  # every process takes part in sampling
     outputs = {}
     if run.is_main:
@@ -998,7 +1129,7 @@ def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]])
             for f in run.config.export_format_list
         ]
         loss_plot = os.path.join(run.output_dir, "loss.png")
-        save_loss_plot(history, loss_plot)
+        save_loss_plot(history, loss_plot, run.val_history)
         with open(os.path.join(run.output_dir, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(run.config), f, indent=1)
         logger.info("wrote %s", ", ".join(adapter_paths))
@@ -1050,7 +1181,8 @@ def main(config: TrainConfig) -> dict:
             save_checkpoint(run, state, history)
         run.checkpointer.close()
         result = {"output_dir": run.output_dir, "step": final_step, "loss_history": history,
-                  "preempted": preempted, "bad_images": len(run.loader.bad_images)}  # fmt: skip
+                  "preempted": preempted, "bad_images": len(run.loader.bad_images),
+                  "val_loss_history": run.val_history}  # fmt: skip
         if not preempted:
             result.update(write_outputs(run, state, history))
         return result

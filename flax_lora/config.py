@@ -9,6 +9,7 @@ neither JAX nor numpy, so `--help` and flag errors are instant.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -27,7 +28,28 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "prodigy", "lion", "adafactor")
 # flax_lora.schedulers.SAMPLER_NAMES, spelled out here because that module imports JAX (a test keeps them equal).
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm++", "dpm++_karras", "euler", "euler_a", "pndm")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+# torchvision's InterpolationMode names, as diffusers' --image_interpolation_mode takes them (flax_lora.data maps them
+# to PIL's filters, which torchvision's Resize uses on PIL images).
+INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
+# Flags of diffusers' LoRA scripts (train_text_to_image_lora[_sdxl].py, train_dreambooth_lora.py) that mean nothing in
+# JAX: accepted so a diffusers command runs unchanged, and each one given logs this line (`ignored_flag_notes`).
+PYTORCH_ONLY_FLAGS = {
+    "allow_tf32": "JAX already lets XLA use TF32 for float32 matmuls on NVIDIA GPUs "
+    "(JAX_DEFAULT_MATMUL_PRECISION=highest turns it off); nothing to switch on",
+    "use_8bit_adam": "no bitsandbytes in JAX: the --optimizer (default adamw) keeps its state in float32",
+    "local_rank": "jax.distributed numbers the processes (--process_id, or --multihost); ignored",
+    "enable_npu_flash_attention": "no Ascend NPUs in JAX; --attention chooses the attention kernel; ignored",
+    "debug_loss": "per-image losses are not logged; ignored",
+    "prior_generation_precision": "no class images are generated here (no DreamBooth prior preservation); ignored",
+}
+
+
+def _pytorch_only(name: str) -> str:
+    """Help text of a flag kept only so diffusers' commands run."""
+    return f"diffusers' flag, accepted for drop-in use: {PYTORCH_ONLY_FLAGS[name]}."
+
+
 # flax_lora.attention.IMPLEMENTATIONS, spelled out here because that module imports JAX (a test keeps them equal).
 ATTENTION_IMPLEMENTATIONS = ("auto", "memory_efficient", "xla", "chunked", "cudnn", "pallas")
 _ATTENTION_HELP = (
@@ -123,6 +145,12 @@ class TrainConfig:
         False,
         "Encode every caption with the text encoder once before training (not with --train_text_encoder; "
         "with several captions per image, the first one is used).",
+    )
+    image_interpolation_mode: str = _f(
+        "bilinear",
+        "Filter of the resize to --resolution. diffusers' SD 1.x LoRA script defaults to lanczos, its SDXL script "
+        "resizes bilinear: pass lanczos to preprocess exactly as the SD 1.x script does.",
+        INTERPOLATION_MODES,
     )
     caption_dropout_rate: float = _f(
         0.0,
@@ -224,7 +252,12 @@ class TrainConfig:
     validation_epochs: int = _f(1, "Run validation every N epochs.")
     num_inference_steps: int = _f(25, "Sampling steps for validation images.")
     guidance_scale: float = _f(7.5, "Classifier-free guidance scale for validation images.")
-    report_to: str = _f("tensorboard", "Where scalars and validation images are logged.", REPORT_TO)
+    report_to: str = _f(
+        "tensorboard",
+        "Where scalars and validation images are logged: tensorboard (in --logging_dir), wandb (pip install wandb; "
+        "WANDB_MODE=offline works without network), all (every one installed) or none.",
+        REPORT_TO,
+    )
     logging_dir: str = _f("logs", "TensorBoard folder, relative to --output_dir.")
 
     # Devices and processes
@@ -254,7 +287,32 @@ class TrainConfig:
     )
     compilation_cache_dir: str = _f(DEFAULT_COMPILATION_CACHE, _CACHE_HELP)
 
+    # Hugging Face hub upload at the end (diffusers' flags)
+    push_to_hub: bool = _f(
+        False,
+        "Upload the output folder (adapter files, README.md model card, samples, logs; not the checkpoints) to the "
+        "hub once everything is saved locally. A failed upload is an error after the files are written.",
+    )
+    hub_model_id: str | None = _f(None, "Hub repository to upload to (default: the --output_dir folder's name).")
+    hub_token: str | None = _f(
+        None, "Hub token for --push_to_hub (default: the one `hf auth login` stored); never written to the outputs."
+    )
+    hub_private_repo: bool = _f(False, "Create the hub repository as private (if it does not exist yet).")
+
+    # diffusers' flags that mean nothing here (PYTORCH_ONLY_FLAGS); one log line each when given
+    allow_tf32: bool = _f(False, _pytorch_only("allow_tf32"))
+    use_8bit_adam: bool = _f(False, _pytorch_only("use_8bit_adam"))
+    local_rank: int = _f(-1, _pytorch_only("local_rank"))
+    enable_npu_flash_attention: bool = _f(False, _pytorch_only("enable_npu_flash_attention"))
+    debug_loss: bool = _f(False, _pytorch_only("debug_loss"))
+    prior_generation_precision: str | None = _f(None, _pytorch_only("prior_generation_precision"))
+    pre_compute_text_embeddings: bool = _f(
+        False, "train_dreambooth_lora.py's name for --cache_text_embeddings (the same thing)."
+    )
+
     def __post_init__(self):
+        if self.pre_compute_text_embeddings:
+            self.cache_text_embeddings = True
         self.validate()
 
     def validate(self) -> None:
@@ -300,6 +358,15 @@ class TrainConfig:
         multi = (self.coordinator_address, self.num_processes, self.process_id)
         if any(v is not None for v in multi) and not all(v is not None for v in multi):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+
+    def ignored_flag_notes(self) -> list[str]:
+        """One line per PyTorch-only flag given: what this trainer does instead."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [f"--{k}: {note}" for k, note in PYTORCH_ONLY_FLAGS.items() if getattr(self, k) != defaults[k]]
+
+    def public_dict(self) -> dict:
+        """The flags as a dict for the files and loggers a run writes: --hub_token left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "hub_token"}
 
     @property
     def unet_attention(self) -> str:

@@ -276,11 +276,19 @@ def build_tiny_dataset(out_dir: str, num_images: int = 24, resolution: int = 64,
 # ---------------------------------------------------------------------------------------- preprocessing
 
 
+# --image_interpolation_mode -> PIL filter, as torchvision's Resize maps its modes for PIL images.
+RESAMPLING = {
+    "nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+    "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS,
+}  # fmt: skip
+
+
 def preprocess_image(
-    img: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+    img: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator,
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
     """Resize (shorter side), flip and crop like diffusers' script; return float32 CHW in [-1, 1]."""
-    return crop_image(img, resolution, center_crop, random_flip, rng)[0]
+    return crop_image(img, resolution, center_crop, random_flip, rng, interpolation)[0]
 
 
 def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
@@ -298,7 +306,8 @@ def mirrored_size_ids(size_ids: np.ndarray) -> np.ndarray:
 
 
 def crop_image(
-    img: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+    img: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator,
+    interpolation: str = "bilinear",
 ) -> tuple[np.ndarray, np.ndarray]:
     """`preprocess_image`'s pixels and SDXL's size ids (original h, w, crop top, left, target h, w), float32.
 
@@ -308,7 +317,7 @@ def crop_image(
     w, h = img.size
     new_w, new_h = resized_size(w, h, resolution)
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BILINEAR)
+        img = img.resize((new_w, new_h), RESAMPLING[interpolation])
     if center_crop:
         left, top = int(round((new_w - resolution) / 2)), int(round((new_h - resolution) / 2))
     else:
@@ -353,6 +362,7 @@ class BatchLoader:
     tokenizer_2: Any = None
     time_ids_cache: np.ndarray | None = None
     valid: np.ndarray | None = None  # indices usable for training (cached mode drops bad images up front)
+    interpolation: str = "bilinear"  # --image_interpolation_mode
     caption_dropout_rate: float = 0.0
     empty_text: dict[str, np.ndarray] | None = None
     bad_images: set = field(default_factory=set)
@@ -400,7 +410,7 @@ class BatchLoader:
                 self.bad_images.add(idx)
                 logger.warning("skipping %s (%d unreadable so far)", e, len(self.bad_images))
                 continue
-            return (idx, *crop_image(img, self.resolution, self.center_crop, self.random_flip, rng))
+            return (idx, *crop_image(img, self.resolution, self.center_crop, self.random_flip, rng, self.interpolation))
         raise BadImageError(f"none of the {n} images in {self.data.source} could be read")
 
     def caption_dropped(self, position: int) -> bool:

@@ -49,6 +49,7 @@ from flax_lora.compile_cache import enable_compilation_cache
 from flax_lora.config import BUILTIN_RUN_DEFAULTS, DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
 from flax_lora.devices import global_batch_size, init_devices, log_cpu_split, usable_cores
 from flax_lora.errors import ExistingOutputError, MissingFileError, UserError, check_output_folder
+from flax_lora.trackers import Writers, open_writers, report_targets
 from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh, param_shardings, place, remat_compiler_options
 
 logger = logging.getLogger("flax_lora.train")
@@ -475,7 +476,7 @@ def cache_latents(
             continue
         # The crop is drawn once per image here: a cached run cannot re-crop every epoch.
         rng = np.random.default_rng([config.seed or 0, 2, i])
-        pixels, ids = crop_image(img, config.resolution, config.center_crop, False, rng)
+        pixels, ids = crop_image(img, config.resolution, config.center_crop, False, rng, config.image_interpolation_mode)
         images.append(pixels)
         size_ids.append([ids, mirrored_size_ids(ids)] if config.random_flip else [ids])
         valid.append(i)
@@ -770,7 +771,7 @@ class Run:
     learning_rate: float
     checkpointer: Checkpointer
     resume_step: int | None  # None: the latest checkpoint (with --resume_from_checkpoint)
-    writer: Any = None  # TensorBoard writer on process 0
+    writer: Writers | None = None  # the metric loggers (--report_to) on process 0
     validation: tuple | None = None  # (FlaxLoraPipeline, sampler name) when validation images are asked for
     val_loader: Any = None  # BatchLoader of the held-out examples (--validation_split)
     val_history: list = dataclasses.field(default_factory=list)  # (step, val/loss), restored with the checkpoint
@@ -922,7 +923,7 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     valid, held_out = split_examples(np.arange(len(data)) if valid is None else valid, config.validation_split, seed)
     common = dict(
         center_crop=config.center_crop, random_flip=config.random_flip, skip_bad_images=config.skip_bad_images,
-        latent_cache=latent_cache, text_cache=text_cache, tokenizer_2=pipe.tokenizer_2, time_ids_cache=time_ids_cache,
+        interpolation=config.image_interpolation_mode, latent_cache=latent_cache, text_cache=text_cache, tokenizer_2=pipe.tokenizer_2, time_ids_cache=time_ids_cache,
     )
     loader = BatchLoader(
         data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed, valid=valid,
@@ -966,11 +967,7 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     # Every input is checked by now: from here on the run writes.
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
-    writer = None
-    if is_main and config.report_to == "tensorboard":
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(output_dir, config.logging_dir))
+    writer = open_writers(config, output_dir) if is_main else None
     run = Run(
         config=config, pipe=pipe, loader=loader, lora_configs=lora_configs, train_step=train_step, mesh=mesh,
         rows=rows, output_dir=output_dir, seed=seed, global_batch=global_batch, per_step=per_step,
@@ -1131,10 +1128,36 @@ def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]])
         loss_plot = os.path.join(run.output_dir, "loss.png")
         save_loss_plot(history, loss_plot, run.val_history)
         with open(os.path.join(run.output_dir, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(run.config), f, indent=1)
-        logger.info("wrote %s", ", ".join(adapter_paths))
-        outputs = {"adapter": adapter_paths[0], "adapters": adapter_paths, "samples": samples, "loss_plot": loss_plot}
+            json.dump(run.config.public_dict(), f, indent=1)
+        card = write_card(run, final_step, adapter_paths, samples)
+        logger.info("wrote %s", ", ".join(adapter_paths + [card]))
+        outputs = {"adapter": adapter_paths[0], "adapters": adapter_paths, "samples": samples, "loss_plot": loss_plot,
+                   "model_card": card}  # fmt: skip
     return outputs
+
+
+def write_card(run: Run, final_step: int, adapter_paths: list[str], samples: list[str]) -> str:
+    """The output folder's README.md model card (with the final validation images); returns its path."""
+    from flax_lora.errors import is_hub_id
+    from flax_lora.hub import repo_name
+    from flax_lora.model_card import CardInfo, write_model_card
+
+    config = run.config
+    unet_config = run.lora_configs["unet"]
+    if config.dataset_name and is_hub_id(config.dataset_name):
+        dataset = f"the [{config.dataset_name}](https://huggingface.co/datasets/{config.dataset_name}) dataset"
+    elif config.dataset_name:
+        dataset = f"the dataset `{config.dataset_name}`"
+    else:
+        dataset = f"the images of `{config.train_data_dir}`"
+    title = repo_name(config.hub_model_id, run.output_dir) if config.push_to_hub else os.path.basename(run.output_dir)
+    info = CardInfo(
+        title=title, base_model=run.pipe.name, dataset=dataset, steps=final_step, rank=unet_config.rank,
+        alpha=unet_config.alpha if unet_config.alpha is not None else unet_config.rank,
+        learning_rate=run.learning_rate, resolution=config.resolution, validation_prompt=config.validation_prompt,
+        sdxl=run.pipe.text_encoder_2 is not None,
+    )
+    return write_model_card(run.output_dir, info, adapter_paths, samples)
 
 
 def output_folder(config: TrainConfig) -> str:
@@ -1169,6 +1192,14 @@ def main(config: TrainConfig) -> dict:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "matplotlib"):  # orbax logs every file rename at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for note in config.ignored_flag_notes():  # never drop a diffusers flag silently
+        logger.info("%s", note)
+    if is_main:  # process 0 logs and uploads: its missing wandb or hub token fails now, not after the model loaded
+        report_targets(config)
+        if config.push_to_hub:
+            from flax_lora.hub import check_token
+
+            check_token(config.hub_token)
 
     # Only the set-up may remove what it created: a run that has started training keeps its logs whatever happens.
     with removed_if_unwritten(output_folder(config), config.logging_dir):
@@ -1185,7 +1216,13 @@ def main(config: TrainConfig) -> dict:
                   "val_loss_history": run.val_history}  # fmt: skip
         if not preempted:
             result.update(write_outputs(run, state, history))
-        return result
     finally:
         if run.writer is not None:
             run.writer.close()
+    if config.push_to_hub and run.is_main and not preempted:  # last: every file is written and the logs are flushed
+        from flax_lora.hub import push_to_hub, repo_name
+
+        repo_id = repo_name(config.hub_model_id, run.output_dir)
+        result["hub_url"] = push_to_hub(run.output_dir, repo_id, config.hub_token, config.hub_private_repo)
+        logger.info("uploaded %s to %s", run.output_dir, result["hub_url"])
+    return result

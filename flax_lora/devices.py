@@ -33,6 +33,38 @@ def auto_cpu_devices(cores: int, batch: int, fsdp: int = 1) -> int:
     return max((n for n in range(1, min(cores, batch) + 1) if batch % n == 0 and n % fsdp == 0), default=1)
 
 
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def local_model_bytes(path: str | None, mixed_precision: str) -> int | None:
+    """About how much host memory one copy of a local pipeline's weights takes (None: not a local folder).
+
+    The largest weight file of each component, doubled in fp32 (a file may hold fp16 weights): an upper bound, so
+    that the automatic split never plans more model copies than fit.
+    """
+    if not path or not os.path.isdir(os.path.expanduser(path)):
+        return None
+    total = 0
+    for component in MODEL_COMPONENTS:
+        folder = os.path.join(os.path.expanduser(path), component)
+        sizes = [entry.stat().st_size for entry in os.scandir(folder) if entry.name.endswith((".safetensors", ".bin"))] \
+            if os.path.isdir(folder) else []
+        total += max(sizes, default=0)
+    return total * (2 if mixed_precision == "no" else 1)
+
+
+def devices_that_fit(model_bytes: int | None, fsdp: int, ram_bytes: int) -> int | None:
+    """The most CPU devices whose model copies (each holding 1/fsdp of it) plus the host's fit in 60% of RAM."""
+    if not model_bytes:
+        return None
+    return max(1, int((0.6 * ram_bytes / model_bytes - 1) * fsdp))
+
+
+def ram_bytes() -> int:
+    """Physical memory of this host."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def global_batch_size(train_batch_size: int, device_count: int, cpu_split: int) -> int:
     """Rows of one micro-batch over all devices: --train_batch_size per device, or all of it when the CPU was split
     automatically (so the split trains what one device would)."""
@@ -66,7 +98,7 @@ def log_cpu_split(batch: int, devices: int, fsdp: int, model_bytes: int) -> None
     logger.info("%s; glibc huge pages %s", cpu_split_message(batch, devices, usable_cores()),
                 "on" if huge_pages_enabled() else "off (train_flax.py turns them on)")  # fmt: skip
     # Every CPU device holds its own copy of the frozen model in host memory (FSDP splits the large weights).
-    need, ram = model_bytes * (devices / fsdp + 1), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    need, ram = model_bytes * (devices / fsdp + 1), ram_bytes()
     if devices > 1 and need > 0.8 * ram:
         logger.warning(
             "the %d CPU devices each hold a copy of the frozen model: about %.1f of %.1f GiB of RAM; if the run runs "
@@ -84,7 +116,11 @@ def init_devices(config: TrainConfig) -> int:
     multi_process = config.coordinator_address is not None or config.multihost
     split = 0
     if not config.num_cpu_devices and not multi_process and not cpu_device_count_is_set():
-        n = auto_cpu_devices(usable_cores(), config.train_batch_size, config.fsdp)
+        cores = usable_cores()
+        # Each CPU device holds its own copy of the frozen model: no more devices than copies fit in memory.
+        fit = devices_that_fit(local_model_bytes(config.pretrained_model_name_or_path, config.mixed_precision),
+                               config.fsdp, ram_bytes())  # fmt: skip
+        n = auto_cpu_devices(min(cores, fit or cores), config.train_batch_size, config.fsdp)
         try:  # shapes the CPU backend only: on a GPU/TPU host it changes nothing the run uses
             jax.config.update("jax_num_cpu_devices", n)
             split = n

@@ -166,3 +166,20 @@ def test_automatic_split_matches_one_device(runs):
     assert a.keys() == b.keys() and any(np.abs(v).max() > 0 for v in a.values())
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_the_split_plans_no_more_model_copies_than_fit_in_memory(tmp_path):
+    model = tmp_path / "pipe"
+    for component, files in {"unet": {"a.safetensors": 600, "a.fp16.safetensors": 300}, "vae": {"b.bin": 100},
+                             "tokenizer": {"vocab.json": 10**6}}.items():  # fmt: skip
+        (model / component).mkdir(parents=True)
+        for name, size in files.items():
+            (model / component / name).write_bytes(b"\0" * size)
+    # the largest file per weight component (tokenizers are not weights), doubled for fp32 compute
+    assert T.local_model_bytes(str(model), "no") == 2 * (600 + 100)
+    assert T.local_model_bytes(str(model), "bf16") == 700
+    assert T.local_model_bytes("owner/hub-model", "no") is None and T.local_model_bytes(None, "no") is None
+    # 10 GB of RAM, 1.5 GB per copy: 60% of RAM holds 4 copies, one of them the host's -> 3 devices
+    assert T.devices_that_fit(1.5e9, 1, 10e9) == 3
+    assert T.devices_that_fit(1.5e9, 4, 10e9) == 12  # each device holds a quarter of the model with --fsdp 4
+    assert T.devices_that_fit(20e9, 1, 10e9) == 1 and T.devices_that_fit(None, 1, 10e9) is None

@@ -97,7 +97,10 @@ def _platform() -> tuple[str, str | None]:
     platform = jax.default_backend()
     if platform != "gpu":
         return platform, None
-    return platform, getattr(jax.local_devices()[0], "compute_capability", None)
+    device = jax.local_devices()[0]
+    if "rocm" in getattr(device.client, "platform_version", "").lower():  # AMD GPUs: no cuDNN, so no fused kernel
+        return "rocm", None
+    return platform, getattr(device, "compute_capability", None)
 
 
 _logged: set[tuple] = set()

@@ -110,6 +110,7 @@ SD15 = [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (256, 256, 160), (64
         ("gpu", "float32", "9.0", SD15, ["xla"] * 5),  # cuDNN's flash attention takes no fp32
         ("gpu", "bfloat16", "9.0", [(4096, 4096, 4), (1024, 77, 20)], ["xla", "xla"]),  # head dims not multiples of 8
         ("tpu", "bfloat16", None, SD15, ["pallas", "xla", "pallas", "xla", "xla"]),  # long, 128-divisible only
+        ("rocm", "bfloat16", None, SD15, ["xla"] * 5),  # AMD GPUs: no cuDNN
         ("tpu", "float32", None, [(1024, 1024, 64), (1000, 1000, 64), (1024, 1024, 160)], ["pallas", "xla", "xla"]),
     ],
 )

@@ -215,6 +215,11 @@ def _split_heads(x: jax.Array, heads: int) -> jax.Array:
     return x.reshape(x.shape[0] // heads, heads, *x.shape[1:]).transpose(0, 2, 1, 3)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least n."""
+    return -(-n // multiple) * multiple
+
+
 def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     """Zero-pad `axis` of `x` up to `size`."""
     widths = [(0, 0)] * x.ndim
@@ -229,7 +234,7 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: f
     padded token, which the sequence lengths mask out (keys) or which is sliced off (queries).
     """
     batch, queries, keys = query.shape[0], query.shape[1], key.shape[1]
-    q_len, k_len = queries + queries % 2, keys + keys % 2
+    q_len, k_len = _round_up(queries, 2), _round_up(keys, 2)
     lengths = {}
     if (q_len, k_len) != (queries, keys):
         query, key, value = _pad_axis(query, 1, q_len), _pad_axis(key, 1, k_len), _pad_axis(value, 1, k_len)
@@ -252,8 +257,8 @@ def pallas_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: 
 
     batch, queries, _, head_dim = query.shape
     keys = key.shape[1]
-    q_len, k_len = (-(-n // PALLAS_BLOCK) * PALLAS_BLOCK for n in (queries, keys))
-    dim = head_dim if head_dim <= PALLAS_BLOCK else -(-head_dim // PALLAS_BLOCK) * PALLAS_BLOCK
+    q_len, k_len = _round_up(queries, PALLAS_BLOCK), _round_up(keys, PALLAS_BLOCK)
+    dim = head_dim if head_dim <= PALLAS_BLOCK else _round_up(head_dim, PALLAS_BLOCK)
     # the kernel's (batch, heads, length, head_dim); zeros in the padded head dims leave the scores unchanged
     q, k, v = (_pad_axis(_pad_axis(x, 1, n), 3, dim).transpose(0, 2, 1, 3)
                for x, n in ((query, q_len), (key, k_len), (value, k_len)))  # fmt: skip
@@ -292,8 +297,8 @@ def attention(
 
 def check_platform(requested: str) -> None:
     """Refuse a kernel that cannot run on this process's default backend (cudnn off GPUs, pallas off TPUs)."""
-    needs = {"cudnn": "gpu", "pallas": "tpu"}.get(requested)
-    if needs is not None and (platform := jax.default_backend()) != needs:
+    needs = {kernel: platform for platform, kernel in _FUSED_KERNEL.items()}.get(requested)
+    if needs is not None and (platform := _platform()[0]) != needs:  # an AMD (ROCm) GPU has no cuDNN either
         raise UserError(
             f"--attention {requested} runs on {needs.upper()}s only; this run is on {platform}: use --attention auto"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import jax
 
@@ -42,13 +43,13 @@ def local_model_bytes(path: str | None, mixed_precision: str) -> int | None:
     The largest weight file of each component, doubled in fp32 (a file may hold fp16 weights): an upper bound, so
     that the automatic split never plans more model copies than fit.
     """
-    if not path or not os.path.isdir(os.path.expanduser(path)):
+    folder = os.path.expanduser(path or "")
+    if not path or not os.path.isdir(folder):
         return None
     total = 0
     for component in MODEL_COMPONENTS:
-        folder = os.path.join(os.path.expanduser(path), component)
-        sizes = [entry.stat().st_size for entry in os.scandir(folder) if entry.name.endswith((".safetensors", ".bin"))] \
-            if os.path.isdir(folder) else []
+        weights = Path(folder, component)
+        sizes = [f.stat().st_size for f in weights.glob("*") if f.suffix in (".safetensors", ".bin")]
         total += max(sizes, default=0)
     return total * (2 if mixed_precision == "no" else 1)
 

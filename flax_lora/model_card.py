@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from flax_lora.errors import is_hub_id
+from flax_lora.formats import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 
 LICENSE = "creativeml-openrail-m"  # what diffusers' text-to-image LoRA script declares
 TAGS = [
@@ -91,7 +92,7 @@ def render_card(info: CardInfo, adapter_files: list[str], images: list[str], gri
         lines += [" ".join(f"[{os.path.basename(p)}](./{p})" for p in images), ""]
     files = [os.path.basename(f) for f in adapter_files]
     prompt = (info.validation_prompt or "a photo").replace('"', '\\"')
-    if "pytorch_lora_weights.safetensors" in files:
+    if DIFFUSERS_WEIGHT_NAME in files:
         pipeline = "StableDiffusionXLPipeline" if info.sdxl else "StableDiffusionPipeline"
         lines += [
             "## Use it in PyTorch diffusers",
@@ -101,7 +102,7 @@ def render_card(info: CardInfo, adapter_files: list[str], images: list[str], gri
             f"from diffusers import {pipeline}",
             "",
             f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
-            f'pipe.load_lora_weights("{info.title}", weight_name="pytorch_lora_weights.safetensors")',
+            f'pipe.load_lora_weights("{info.title}", weight_name="{DIFFUSERS_WEIGHT_NAME}")',
             f'image = pipe("{prompt}").images[0]',
             "```",
             "",
@@ -122,8 +123,8 @@ def render_card(info: CardInfo, adapter_files: list[str], images: list[str], gri
         lines += [f"(`hf download {info.title} --local-dir {folder}` fetches the folder from the hub.)", ""]
     lines += ["## Files", ""]
     described = {
-        "pytorch_lora_weights.safetensors": "diffusers / PEFT adapter (`load_lora_weights`)",
-        "lora_kohya.safetensors": "kohya adapter (A1111, ComfyUI, kohya's tools)",
+        DIFFUSERS_WEIGHT_NAME: "diffusers / PEFT adapter (`load_lora_weights`)",
+        KOHYA_WEIGHT_NAME: "kohya adapter (A1111, ComfyUI, kohya's tools)",
     }
     lines += [f"- `{f}`: {described.get(f, 'adapter')}" for f in files]
     lines += ["- `train_config.json`: every training flag", "- `loss.png`: the training loss", ""]

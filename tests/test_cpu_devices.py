@@ -61,7 +61,7 @@ def test_split_message_says_what_was_chosen():
 
 
 def test_split_warns_when_the_model_copies_may_not_fit_in_ram(caplog):
-    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    ram = T.ram_bytes()
     with caplog.at_level("INFO", logger="flax_lora.devices"):
         T.log_cpu_split(4, 2, 1, model_bytes=1)
         assert "CPU: batch 4 split over 2 XLA devices" in caplog.text and "RAM" not in caplog.text

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from flax_lora import train as T
 from flax_lora.config import TrainConfig
-from flax_lora.data import BatchLoader, build_tiny_dataset, load_image_folder
+from flax_lora.data import BatchLoader, load_image_folder
 from flax_lora.errors import UserError
 from flax_lora.sharding import FSDP_AXIS, MIN_SHARDED_SIZE, batch_sharding, make_mesh, param_sharding, param_shardings
 

@@ -212,6 +212,9 @@ class BenchConfig:
             raise ValueError(f"--batch {self.batch} does not split over --flax_cpu_devices {self.flax_cpu_devices}")
         if self.config in COMPILE_ONLY_CONFIGS and not self.compile_only:
             raise ValueError(f"--config {self.config} runs with --compile_only only (its timing workers are not written)")
+        if self.compile_only and self.attention in ("cudnn", "pallas"):
+            raise ValueError(f"--compile_only compiles for CPU devices, where --attention {self.attention} cannot run: "
+                             "use xla (the upper bound) or chunked")  # fmt: skip
         if self.compile_only:
             for name in ("devices", "fsdp", "batch_per_device"):
                 values = getattr(self, name).replace(" ", "").split(",")
@@ -379,6 +382,9 @@ def run_flax(cfg: BenchConfig) -> dict:
     from flax_lora.sharding import batch_sharding, make_mesh
     from flax_lora.train import NoiseSchedule, create_train_state, make_train_step
 
+    from flax_lora.attention import check_platform
+
+    check_platform(cfg.attention)  # a GPU or TPU kernel asked for where JAX has none: one error line
     device = jax.devices()[0]
     if cfg.device == "gpu" and device.platform not in ("gpu", "cuda", "rocm"):
         raise UserError(f"--device gpu, but JAX runs on {device.platform} (install jax[cuda12] for an NVIDIA GPU)")

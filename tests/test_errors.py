@@ -80,6 +80,14 @@ def test_cli_user_errors_are_one_line(tmp_path):
     (tmp_path / "afile").write_text("")
     lines = _cli(tmp_path, str(ROOT / "bench" / "bench_train.py"), "--config", "tiny", "--out", "afile/r.json")
     assert lines[-1] == f"error: --out afile/r.json: {tmp_path / 'afile'} is a file, not a folder"
+    # the bench's own progress lines come first there, so not through _cli
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--config", "tiny", "--frameworks",
+                           "flax", "--attention", "cudnn", "--out", "r.json"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: flax worker: --attention cudnn runs on GPUs only; this run is on cpu: use --attention auto"
+    )
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -262,6 +270,7 @@ def test_bench_prints_an_estimate_and_refuses_impossible_flags(monkeypatch):
     )
     assert "no time estimate" in bench.describe_estimate(bench.BenchConfig(config="sd15"))
     for bad, message in ((dict(threads=os.cpu_count() + 1), "--threads"), (dict(frameworks=""), "--frameworks"),
-                         (dict(batch=3, flax_cpu_devices=2), "does not split")):  # fmt: skip
+                         (dict(batch=3, flax_cpu_devices=2), "does not split"),
+                         (dict(compile_only=True, attention="pallas"), "where --attention pallas cannot run")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             bench.BenchConfig(**bad)

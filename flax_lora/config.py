@@ -291,7 +291,8 @@ class TrainConfig:
     push_to_hub: bool = _f(
         False,
         "Upload the output folder (adapter files, README.md model card, samples, logs; not the checkpoints) to the "
-        "hub once everything is saved locally. A failed upload is an error after the files are written.",
+        "hub once everything is saved locally, and each checkpoint's adapter to checkpoint-N/ in the background. A "
+        "failed final upload is an error after the files are written; a failed checkpoint upload a warning.",
     )
     hub_model_id: str | None = _f(None, "Hub repository to upload to (default: the --output_dir folder's name).")
     hub_token: str | None = _f(

@@ -775,6 +775,7 @@ class Run:
     validation: tuple | None = None  # (FlaxLoraPipeline, sampler name) when validation images are asked for
     val_loader: Any = None  # BatchLoader of the held-out examples (--validation_split)
     val_history: list = dataclasses.field(default_factory=list)  # (step, val/loss), restored with the checkpoint
+    uploader: Any = None  # flax_lora.hub.CheckpointUploader on process 0 with --push_to_hub
 
     @property
     def is_main(self) -> bool:
@@ -968,12 +969,17 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
     writer = open_writers(config, output_dir) if is_main else None
+    uploader = None
+    if config.push_to_hub and is_main:
+        from flax_lora.hub import CheckpointUploader, repo_name
+
+        uploader = CheckpointUploader(repo_name(config.hub_model_id, output_dir), config.hub_token, config.hub_private_repo)
     run = Run(
         config=config, pipe=pipe, loader=loader, lora_configs=lora_configs, train_step=train_step, mesh=mesh,
         rows=rows, output_dir=output_dir, seed=seed, global_batch=global_batch, per_step=per_step,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, learning_rate=learning_rate,
         checkpointer=Checkpointer(ckpt_dir, config.checkpoints_total_limit), resume_step=resume_step,
-        writer=writer, validation=validation, val_loader=val_loader,
+        writer=writer, validation=validation, val_loader=val_loader, uploader=uploader,
     )
     return run, state
 
@@ -1027,7 +1033,6 @@ def validate(run: Run, state: TrainState, step: int, final: bool = False) -> lis
     from PIL import Image
 
     from flax_lora.inference import to_uint8
-    from flax_lora.lora import LoraAdapter
 
     config = run.config
     pipeline, scheduler = run.validation
@@ -1036,7 +1041,7 @@ def validate(run: Run, state: TrainState, step: int, final: bool = False) -> lis
         "" if pipeline.trace_count else " (the first call compiles the sampler)",
     )
     pipeline.unload_loras()  # the adapter is the current weights; same shapes, so no recompilation
-    pipeline.add_lora(LoraAdapter(params=to_host(exported_weights(state)), configs=run.lora_configs), name="training")
+    pipeline.add_lora(current_adapter(run, state), name="training")
     images = to_uint8(pipeline(
         config.validation_prompt, num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale, scheduler=scheduler, height=config.resolution,
@@ -1092,6 +1097,9 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
                 if done % config.checkpointing_steps == 0 or stop:
                     with metrics_buffer.paused():
                         logger.info("saved checkpoint %s", save_checkpoint(run, state, history))
+                        if run.uploader is not None and not stop:  # the adapter of this step, to checkpoint-N/
+                            adapter = current_adapter(run, state)
+                            run.uploader.submit(done, lambda folder: save_adapters(run, adapter, folder))
                     last_saved = done
                     if stop:
                         preempted = True
@@ -1107,24 +1115,29 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
     return state, last_saved, preempted
 
 
-def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]]) -> dict:
-    """Final validation images, the adapter file, the loss plot and the run's config (process 0 writes)."""
-    from flax_lora.formats import save_adapter
+def current_adapter(run: Run, state: TrainState):
+    """The adapter as it would be exported now (the EMA weights with --use_ema), on the host."""
     from flax_lora.lora import LoraAdapter
 
+    return LoraAdapter(params=to_host(exported_weights(state)), configs=run.lora_configs, base_model=run.pipe.name)
+
+
+def save_adapters(run: Run, adapter, folder: str) -> list[str]:
+    """Write the adapter in every --export_formats format into `folder`; returns the paths."""
+    from flax_lora.formats import save_adapter
+
+    return [save_adapter(adapter, folder, format=f, base_params=run.pipe.params) for f in run.config.export_format_list]
+
+
+def write_outputs(run: Run, state: TrainState, history: list[tuple[int, float]]) -> dict:
+    """Final validation images, the adapter file, the loss plot and the run's config (process 0 writes)."""
     if run.loader.bad_images:
         logger.warning("%d unreadable images were skipped", len(run.loader.bad_images))
     final_step = int(to_host(state.step))
-    final_adapter = LoraAdapter(
-        params=to_host(exported_weights(state)), configs=run.lora_configs, base_model=run.pipe.name
-    )
     samples = validate(run, state, final_step, final=True)  # every process takes part in sampling
     outputs = {}
     if run.is_main:
-        adapter_paths = [
-            save_adapter(final_adapter, run.output_dir, format=f, base_params=run.pipe.params)
-            for f in run.config.export_format_list
-        ]
+        adapter_paths = save_adapters(run, current_adapter(run, state), run.output_dir)
         loss_plot = os.path.join(run.output_dir, "loss.png")
         save_loss_plot(history, loss_plot, run.val_history)
         with open(os.path.join(run.output_dir, "train_config.json"), "w") as f:
@@ -1219,6 +1232,8 @@ def main(config: TrainConfig) -> dict:
     finally:
         if run.writer is not None:
             run.writer.close()
+    if run.uploader is not None:  # the checkpoint uploads under way finish first (a failed one was a warning)
+        run.uploader.wait()
     if config.push_to_hub and run.is_main and not preempted:  # last: every file is written and the logs are flushed
         from flax_lora.hub import push_to_hub, repo_name
 

@@ -106,6 +106,18 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints(tmp_path, monkeypatc
     assert hub.repo_name(None, "/runs/my-lora/") == "my-lora"
 
 
+def test_checkpoint_uploads_run_in_the_background_one_at_a_time(monkeypatch):
+    calls = _fake_hub(monkeypatch)
+    uploader = hub.CheckpointUploader("lora", token="hf_x")
+    for step in (10, 20):
+        uploader.submit(step, lambda folder: open(os.path.join(folder, "pytorch_lora_weights.safetensors"), "w").close())
+    assert uploader.wait() == [True, True]
+    uploads = [kw for name, kw in calls if name == "upload_folder"]
+    assert [(kw["repo_id"], kw["path_in_repo"], kw["commit_message"]) for kw in uploads] == [
+        ("me/lora", "checkpoint-10", "Checkpoint 10"), ("me/lora", "checkpoint-20", "Checkpoint 20")]
+    assert all(kw["files"] == ["pytorch_lora_weights.safetensors"] for kw in uploads)
+
+
 def test_push_to_hub_offline_and_without_token(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(hub.HubUploadError, match=f"HF_HUB_OFFLINE is set. Every file is saved in {tmp_path}"):
@@ -131,18 +143,25 @@ def test_run_logs_to_tensorboard_and_wandb_writes_the_card_then_a_failed_upload_
     calls = _fake_hub(monkeypatch, upload_error=ConnectionError("connection refused"))
     out = tmp_path / "run"
     config = _config(
-        tiny_sd1_path, data, out, max_train_steps=2, checkpointing_steps=1000, validation_prompt="a red circle",
+        tiny_sd1_path, data, out, max_train_steps=2, checkpointing_steps=1, validation_prompt="a red circle",
         validation_epochs=20, num_validation_images=2, num_inference_steps=4, report_to="all", push_to_hub=True,
         hub_model_id="me/tiny-lora", hub_token="hf_secret_token", allow_tf32=True,
     )
-    with caplog.at_level(logging.INFO, logger="flax_lora.train"), pytest.raises(hub.HubUploadError) as e:
+    with caplog.at_level(logging.INFO), pytest.raises(hub.HubUploadError) as e:
         T.main(config)
     message = str(e.value)
     assert "me/tiny-lora failed: the hub cannot be reached" in message and f"saved in {out}" in message
     assert any(r.getMessage().startswith("--allow_tf32: JAX already lets XLA use TF32") for r in caplog.records)
 
-    # The upload came last: the adapter, card, grid, samples and logs were all there when it started.
-    uploaded = next(kw for name, kw in calls if name == "upload_folder")
+    # Each checkpoint's adapter went to checkpoint-N/; its failure was a warning and training went on.
+    uploads = [kw for name, kw in calls if name == "upload_folder"]
+    assert [kw.get("path_in_repo") for kw in uploads] == ["checkpoint-1", "checkpoint-2", None]
+    assert all(kw["files"] == ["pytorch_lora_weights.safetensors"] for kw in uploads[:2])
+    assert not any(os.path.exists(kw["folder_path"]) for kw in uploads[:2])  # the temporary folders are gone
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "checkpoint" in r.getMessage()]
+    assert len(warnings) == 2 and "uploading checkpoint 1 to me/tiny-lora failed" in warnings[0]
+    # The final upload came last: the adapter, card, grid, samples and logs were all there when it started.
+    uploaded = uploads[-1]
     assert uploaded["folder_path"] == str(out) and uploaded["repo_id"] == "me/tiny-lora"
     for name in ("pytorch_lora_weights.safetensors", "README.md", "validation_grid.png", "samples/final_0.png",
                  "train_config.json", "loss.png"):  # fmt: skip

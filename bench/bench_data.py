@@ -73,7 +73,8 @@ def main() -> None:
     width, height = (int(v) for v in args.image_size.split("x"))
     counts = [int(w) for w in args.workers.split(",")]
     print(f"bench_data: {args.num_images} JPEGs {width}x{height} -> {args.resolution} px, batch {args.batch}, "
-          f"{args.steps} batches x {args.repeats} runs per worker count; about {len(counts) * args.repeats * 5} s")
+          f"{args.steps} batches x {args.repeats} runs per worker count; about "
+          f"{args.num_images / 20 + len(counts) * args.repeats * (args.steps + 1) * args.batch / 50:.0f} s on 2 cores")
     with tempfile.TemporaryDirectory() as folder:
         write_images(folder, args.num_images, width, height)
         rows, hashes = [], set()

@@ -15,9 +15,10 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 
 
-def flag(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field that carries its command-line help (and allowed values)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def flag(default: Any, help: str, choices: tuple[str, ...] | None = None, nargs: str | None = None) -> Any:
+    """A dataclass field that carries its command-line help (and allowed values; `nargs="+"`: a list flag that takes
+    several values at once)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs})
 
 
 def check_choices(config: Any) -> None:
@@ -44,7 +45,9 @@ def build_parser(config_class: type, description: str) -> argparse.ArgumentParse
     for f in dataclasses.fields(config_class):
         tp = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
-        if typing.get_origin(tp) is list:
+        if typing.get_origin(tp) is list and f.metadata.get("nargs"):
+            kwargs.update(action="extend", nargs=f.metadata["nargs"], type=typing.get_args(tp)[0], default=None)
+        elif typing.get_origin(tp) is list:
             kwargs.update(action="append", type=typing.get_args(tp)[0], default=None)
         elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -41,7 +41,20 @@ PYTORCH_ONLY_FLAGS = {
     "local_rank": "jax.distributed numbers the processes (--process_id, or --multihost); ignored",
     "enable_npu_flash_attention": "no Ascend NPUs in JAX; --attention chooses the attention kernel; ignored",
     "debug_loss": "per-image losses are not logged; ignored",
-    "prior_generation_precision": "no class images are generated here (no DreamBooth prior preservation); ignored",
+    "prior_generation_precision": "class images are sampled by the training pipeline in --mixed_precision's dtype "
+    "(float32 with 'no'), its weights already cast to it; ignored",
+}
+# train_dreambooth_lora.py's flags this trainer cannot honour: given with another value than the default, each one is
+# an error with this reason (diffusers' own default is always accepted).
+UNSUPPORTED_FLAGS = {
+    "tokenizer_name": "the pipeline's own tokenizer/ folder is used; put another tokenizer there instead",
+    "tokenizer_max_length": "captions are padded to the tokenizer's model_max_length (77 for SD's CLIP)",
+    "text_encoder_use_attention_mask": "the CLIP text encoders here take no attention mask (neither does SD's own "
+    "pipeline)",
+    "validation_images": "it is for image-conditioned pipelines (DeepFloyd IF's upscaler); validation here samples "
+    "text-to-image from --validation_prompt",
+    "class_labels_conditioning": "Stable Diffusion UNets have no class-label embedding (it is for DeepFloyd IF)",
+    "lora_dropout": "LoRA layers train without dropout here",
 }
 
 
@@ -162,6 +175,77 @@ class TrainConfig:
         "Hold out this fraction (0 < F < 1) of the training examples, chosen from --seed, and log their denoising "
         "loss (fixed noise and timesteps) as val/loss at each validation and at the end.",
     )
+    enable_bucket: bool = _f(
+        False,
+        "Aspect-ratio buckets (kohya's flag): instead of a --resolution square, each image is resized and cropped to "
+        "the bucket (width x height in multiples of --bucket_reso_steps, about the square's area) whose aspect ratio "
+        "is nearest its own. Each step's batch comes from one bucket; the step compiles once per bucket shape.",
+    )
+    min_bucket_reso: int = _f(
+        256, "Shortest bucket side with --enable_bucket (rounded down to a multiple of --bucket_reso_steps)."
+    )
+    max_bucket_reso: int = _f(
+        1024, "Longest bucket side with --enable_bucket (rounded up to a multiple of --bucket_reso_steps)."
+    )
+    bucket_reso_steps: int = _f(
+        64, "Bucket sides are multiples of this with --enable_bucket: a multiple of 8 (kohya uses 64 for SD 1.x/2.x, 32 "
+        "for SDXL).",
+    )
+    bucket_no_upscale: bool = _f(
+        False,
+        "With --enable_bucket: each image gets its own bucket, its size (shrunk to the --resolution square's area if "
+        "larger) rounded down to --bucket_reso_steps, so no image is enlarged; --min/--max_bucket_reso are ignored.",
+    )
+
+    # DreamBooth (train_dreambooth_lora.py's flags; flax_lora.dreambooth)
+    instance_data_dir: str | None = _f(
+        None,
+        "DreamBooth: a folder of images of the subject (no metadata.jsonl; subfolders and other files are ignored), "
+        "each captioned --instance_prompt. Replaces --train_data_dir / --dataset_name.",
+    )
+    instance_prompt: str | None = _f(
+        None, "The caption of every --instance_data_dir image, with the subject's identifier: 'a photo of sks dog'."
+    )
+    with_prior_preservation: bool = _f(
+        False,
+        "DreamBooth's prior preservation: each step's batch is --train_batch_size instance examples plus as many "
+        "--class_data_dir examples, and the loss is the instance MSE + --prior_loss_weight x the class MSE "
+        "(--snr_gamma weights the instance part only).",
+    )
+    class_data_dir: str | None = _f(
+        None,
+        "Folder of class images for --with_prior_preservation; when it holds fewer than --num_class_images, the "
+        "missing ones are first sampled from the base model with --class_prompt (written one by one: a rerun resumes).",
+    )
+    class_prompt: str | None = _f(
+        None, "Caption of the class images, and the prompt they are sampled with, e.g. 'a photo of dog'."
+    )
+    prior_loss_weight: float = _f(1.0, "Weight of the class images' loss with --with_prior_preservation.")
+    num_class_images: int = _f(
+        100,
+        "Class images used with --with_prior_preservation (the first ones of --class_data_dir by name); missing ones "
+        "are sampled as diffusers does (the pipeline's scheduler, 50 steps, guidance 7.5, the model's image size), "
+        "each from --seed and its number.",
+    )
+    sample_batch_size: int = _f(
+        4,
+        "Class images sampled per device and call (as --train_batch_size: on a CPU host with the automatic "
+        "--num_cpu_devices, per call).",
+    )
+    tokenizer_name: str | None = _f(None, f"diffusers' flag; only unset works: {UNSUPPORTED_FLAGS['tokenizer_name']}.")
+    tokenizer_max_length: int | None = _f(
+        None, f"diffusers' flag; only unset works: {UNSUPPORTED_FLAGS['tokenizer_max_length']}."
+    )
+    text_encoder_use_attention_mask: bool = _f(
+        False, f"diffusers' flag; only unset works: {UNSUPPORTED_FLAGS['text_encoder_use_attention_mask']}."
+    )
+    validation_images: list[str] = _f(
+        (), f"diffusers' flag; only unset works: {UNSUPPORTED_FLAGS['validation_images']}.", nargs="+"
+    )
+    class_labels_conditioning: str | None = _f(
+        None, f"diffusers' flag; only unset works: {UNSUPPORTED_FLAGS['class_labels_conditioning']}."
+    )
+    lora_dropout: float = _f(0.0, f"diffusers' flag; only 0 works: {UNSUPPORTED_FLAGS['lora_dropout']}.")
 
     # Batch and schedule
     train_batch_size: int = _f(
@@ -231,6 +315,19 @@ class TrainConfig:
     # LoRA
     rank: int = _f(4, "LoRA rank.")
     lora_alpha: float | None = _f(None, "LoRA alpha (scale = alpha / rank); unset means alpha = rank.")
+    use_dora: bool = _f(
+        False,
+        "DoRA (PEFT's use_dora): every LoRA module also trains a magnitude per output feature, and its weight becomes "
+        "magnitude * (W + scale * B @ A) / ||W + scale * B @ A||. The diffusers file loads with DoRA in diffusers' "
+        "load_lora_weights; the kohya format cannot carry it.",
+    )
+    conv_rank: int | None = _f(
+        None,
+        "Also train LoRA on the UNet's 3x3 convs (LoCon, kohya's conv_dim): ResNet blocks' conv1/conv2 and the "
+        "down/upsamplers' conv, at this rank; unset: no conv LoRA.",
+    )
+    conv_alpha: float | None = _f(None, "Alpha of the conv LoRA (scale = conv_alpha / conv_rank); unset: conv_rank.")
+    conv_dim: int | None = _f(None, "kohya's name for --conv_rank (the same thing).")
     train_text_encoder: bool = _f(False, "Also train LoRA layers on the text encoder.")
     export_formats: str = _f(
         "diffusers",
@@ -306,7 +403,9 @@ class TrainConfig:
     local_rank: int = _f(-1, _pytorch_only("local_rank"))
     enable_npu_flash_attention: bool = _f(False, _pytorch_only("enable_npu_flash_attention"))
     debug_loss: bool = _f(False, _pytorch_only("debug_loss"))
-    prior_generation_precision: str | None = _f(None, _pytorch_only("prior_generation_precision"))
+    prior_generation_precision: str | None = _f(
+        None, _pytorch_only("prior_generation_precision"), ("no", "fp32", "fp16", "bf16")
+    )
     pre_compute_text_embeddings: bool = _f(
         False, "train_dreambooth_lora.py's name for --cache_text_embeddings (the same thing)."
     )
@@ -314,6 +413,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.pre_compute_text_embeddings:
             self.cache_text_embeddings = True
+        if self.conv_dim is not None:
+            if self.conv_rank not in (None, self.conv_dim):
+                raise ValueError(f"--conv_dim {self.conv_dim} and --conv_rank {self.conv_rank} name one rank: give one")
+            self.conv_rank = self.conv_dim
         self.validate()
 
     def validate(self) -> None:
@@ -325,7 +428,7 @@ class TrainConfig:
         at_least = {
             1: ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs", "max_train_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs",
-                "num_inference_steps", "lr_num_cycles", "fsdp"),
+                "num_inference_steps", "lr_num_cycles", "fsdp", "conv_dim", "conv_rank"),
             0: ("num_cpu_devices", "dataloader_num_workers", "num_validation_images", "lr_warmup_steps"),
         }  # fmt: skip
         for minimum, names in at_least.items():
@@ -342,28 +445,90 @@ class TrainConfig:
             raise ValueError(f"--caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate}")
         if self.validation_split is not None and not 0.0 < self.validation_split < 1.0:
             raise ValueError(f"--validation_split must be in (0, 1), e.g. 0.1, got {self.validation_split}")
+        self._validate_buckets()
         if self.use_ema and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1) with --use_ema (e.g. 0.9999), got {self.ema_decay}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma}")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise ValueError("--conv_alpha needs --conv_rank (the rank of the conv LoRA); give both")
         check_choices(self)
         from flax_lora.formats import FORMATS  # here, not at import: --help stays free of numpy and flax
 
         unknown = [f for f in self.export_format_list if f not in FORMATS]
         if unknown or not self.export_format_list:
             raise ValueError(f"--export_formats {self.export_formats!r}: expected a comma-separated subset of {FORMATS}")
+        if self.use_dora and "kohya" in self.export_format_list:
+            raise ValueError("--use_dora: the kohya format cannot carry a DoRA adapter; use --export_formats diffusers")
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("--cache_text_embeddings cannot be combined with --train_text_encoder")
-        if self.dataset_name is None and self.train_data_dir is None and self.pretrained_model_name_or_path:
-            raise ValueError("give --dataset_name or --train_data_dir to train a pretrained model")
+        self._validate_dreambooth()
+        sources = (self.dataset_name, self.train_data_dir, self.instance_data_dir)
+        if all(v is None for v in sources) and self.pretrained_model_name_or_path:
+            raise ValueError("give --dataset_name, --train_data_dir or --instance_data_dir to train a pretrained model")
         multi = (self.coordinator_address, self.num_processes, self.process_id)
         if any(v is not None for v in multi) and not all(v is not None for v in multi):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
 
-    def ignored_flag_notes(self) -> list[str]:
-        """One line per PyTorch-only flag given: what this trainer does instead."""
+    def _validate_buckets(self) -> None:
+        """The --enable_bucket flags: given without it is an error (kohya ignores them silently), and kohya's ranges."""
+        names = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        return [f"--{k}: {note}" for k, note in PYTORCH_ONLY_FLAGS.items() if getattr(self, k) != defaults[k]]
+        given = [n for n in names if getattr(self, n) != defaults[n]]
+        if given and not self.enable_bucket:
+            raise ValueError(f"--{given[0]} sets up aspect-ratio buckets: add --enable_bucket, or drop --{given[0]}")
+        if not self.enable_bucket:
+            return
+        steps = self.bucket_reso_steps
+        if steps <= 0 or steps % 8:
+            raise ValueError(f"--bucket_reso_steps must be a positive multiple of 8 (the VAE's factor), got {steps}")
+        if self.bucket_no_upscale:  # min/max are not used
+            return
+        from flax_lora.buckets import bucket_range  # here, not at import: --help stays free of numpy
+
+        low, high = bucket_range(self.min_bucket_reso, self.max_bucket_reso, steps)
+        if low < steps:
+            raise ValueError(f"--min_bucket_reso must be >= --bucket_reso_steps {steps}, got {self.min_bucket_reso}")
+        if not low <= self.resolution <= high:
+            raise ValueError(
+                f"--resolution {self.resolution} must lie between --min_bucket_reso {self.min_bucket_reso} and "
+                f"--max_bucket_reso {self.max_bucket_reso}; change one of them"
+            )
+
+    def _validate_dreambooth(self) -> None:
+        """train_dreambooth_lora.py's flags: one data source, prior preservation's inputs, flags we cannot honour."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, reason in UNSUPPORTED_FLAGS.items():
+            if getattr(self, name) not in (defaults[name], None, []):
+                raise ValueError(f"--{name} is not supported: {reason}; drop the flag")
+        if self.instance_data_dir is not None:
+            for other in ("train_data_dir", "dataset_name"):
+                if getattr(self, other) is not None:
+                    raise ValueError(f"--instance_data_dir and --{other} are two training sets: give one of them")
+            if not self.instance_prompt:
+                raise ValueError("--instance_data_dir needs --instance_prompt, the caption of its images, e.g. "
+                                 "'a photo of sks dog'")  # fmt: skip
+        elif self.instance_prompt is not None:
+            raise ValueError("--instance_prompt captions the --instance_data_dir images: give that folder too")
+        if self.with_prior_preservation:
+            for name in ("class_data_dir", "class_prompt"):
+                if not getattr(self, name):
+                    raise ValueError(f"--with_prior_preservation needs --{name}")
+            if self.num_class_images < 1 or self.sample_batch_size < 1:
+                raise ValueError(f"--num_class_images and --sample_batch_size must be >= 1, got "
+                                 f"{self.num_class_images} and {self.sample_batch_size}")  # fmt: skip
+            if self.enable_bucket:
+                raise ValueError("--with_prior_preservation cannot be combined with --enable_bucket yet: drop one")
+
+    def ignored_flag_notes(self) -> list[str]:
+        """One line per flag given that this run ignores: PyTorch-only ones (what it does instead), class flags without
+        --with_prior_preservation."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        notes = [f"--{k}: {note}" for k, note in PYTORCH_ONLY_FLAGS.items() if getattr(self, k) != defaults[k]]
+        if not self.with_prior_preservation:  # diffusers warns too
+            unused = [k for k in ("class_data_dir", "class_prompt") if getattr(self, k) is not None]
+            notes += [f"--{k}: used only with --with_prior_preservation; ignored" for k in unused]
+        return notes
 
     def public_dict(self) -> dict:
         """The flags as a dict for the files and loggers a run writes: --hub_token left out."""

@@ -11,8 +11,10 @@ would. Random crops, flips and caption choices are seeded by the stream position
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,6 +63,13 @@ class CaptionedImages:
     def captions(self, i: int) -> list[str]:
         """All captions of example i."""
         return self.caption_lists[i]
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of example i from its header (no decoding); BadImageError if it cannot be opened."""
+        try:
+            return self._load(i).size
+        except Exception as e:  # PIL raises many types for files it cannot identify
+            raise BadImageError(f"cannot read image {self.names[i]}: {type(e).__name__}: {e}") from e
 
 
 def _caption_list(value: Any, where: str, column: str) -> list[str]:
@@ -206,8 +215,47 @@ def load_hf_dataset(
     return CaptionedImages(names, captions, load, source=name)
 
 
+# The files image folders without metadata are read from (DreamBooth's instance and class folders).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files directly in a folder (not in its subfolders, not hidden ones), sorted by name."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
+def load_prompt_folder(data_dir: str, prompt: str, flag: str, max_samples: int | None = None) -> CaptionedImages:
+    """Every image of a folder (`image_files`), each captioned `prompt`: DreamBooth's instance or class images.
+
+    Images are turned upright by their EXIF orientation, as diffusers' DreamBooth dataset does."""
+    from PIL import ImageOps
+
+    check_folder(data_dir, flag)
+    names = image_files(data_dir)[:max_samples]
+    if not names:
+        raise UserError(f"{flag} {data_dir} holds no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    return CaptionedImages(
+        names, [[prompt]] * len(names), lambda i: ImageOps.exif_transpose(Image.open(names[i])), source=data_dir
+    )
+
+
 def load_training_data(config) -> CaptionedImages:
-    """The training examples a TrainConfig names (--dataset_name wins over --train_data_dir)."""
+    """The training examples a TrainConfig names (--dataset_name wins over --train_data_dir); with
+    --with_prior_preservation, also checks that --class_data_dir is or can become a folder."""
+    if config.with_prior_preservation:
+        from flax_lora.errors import check_output_folder
+
+        class_dir = os.path.expanduser(config.class_data_dir)
+        if os.path.isdir(class_dir):
+            check_folder(class_dir, "--class_data_dir")
+        else:  # created for the sampled images
+            check_output_folder(class_dir, f"--class_data_dir {config.class_data_dir}")
+    if config.instance_data_dir is not None:
+        return load_prompt_folder(
+            os.path.expanduser(config.instance_data_dir), config.instance_prompt, "--instance_data_dir",
+            config.max_train_samples,
+        )
     if config.dataset_name is not None:
         return load_hf_dataset(
             config.dataset_name,
@@ -298,10 +346,12 @@ def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
     return int(resolution * w / h), resolution
 
 
-def mirrored_size_ids(size_ids: np.ndarray) -> np.ndarray:
-    """The size ids of the horizontally flipped crop: the same region, its left edge measured in the flipped image."""
+def mirrored_size_ids(size_ids: np.ndarray, resized_w: int | None = None) -> np.ndarray:
+    """The size ids of the horizontally flipped crop: the same region, its left edge measured in the flipped image.
+
+    `resized_w`: the width the image was resized to before the crop (a bucket's), if not `resized_size`'s."""
     h, w, top, left, target_h, target_w = size_ids
-    new_w, _ = resized_size(int(w), int(h), int(target_w))
+    new_w = resized_size(int(w), int(h), int(target_w))[0] if resized_w is None else resized_w
     return np.array([h, w, top, new_w - target_w - left, target_h, target_w], np.float32)
 
 
@@ -314,21 +364,69 @@ def crop_image(
     As diffusers' SDXL script: the crop's top-left is measured in the resized (and flipped) image, and the
     centre crop rounds as torchvision's CenterCrop does.
     """
+    resized = resized_size(*img.size, resolution)
+    return crop_to_bucket(img, (resolution, resolution), resized, center_crop, random_flip, rng, interpolation)
+
+
+def crop_to_bucket(
+    img: Image.Image, bucket: tuple[int, int], resized: tuple[int, int], center_crop: bool, random_flip: bool,
+    rng: np.random.Generator, interpolation: str = "bilinear",
+) -> tuple[np.ndarray, np.ndarray]:
+    """`crop_image` for an aspect-ratio bucket (width, height): resize to `resized` (which covers it), flip, crop.
+
+    The size ids are the image's original size, the crop's top-left in the resized (and flipped) image, as
+    `crop_image`'s, and the bucket's size as the target size."""
     w, h = img.size
-    new_w, new_h = resized_size(w, h, resolution)
+    (bucket_w, bucket_h), (new_w, new_h) = bucket, resized
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), RESAMPLING[interpolation])
     if center_crop:
-        left, top = int(round((new_w - resolution) / 2)), int(round((new_h - resolution) / 2))
+        left, top = int(round((new_w - bucket_w) / 2)), int(round((new_h - bucket_h) / 2))
     else:
-        left = int(rng.integers(0, new_w - resolution + 1))
-        top = int(rng.integers(0, new_h - resolution + 1))
+        left = int(rng.integers(0, new_w - bucket_w + 1))
+        top = int(rng.integers(0, new_h - bucket_h + 1))
     arr = np.asarray(img, dtype=np.float32)
     if random_flip and rng.random() < 0.5:  # before the crop, as diffusers: the crop's left is in the flipped image
         arr = arr[:, ::-1]
-    arr = arr[top : top + resolution, left : left + resolution]
-    size_ids = np.array([h, w, top, left, resolution, resolution], np.float32)
+    arr = arr[top : top + bucket_h, left : left + bucket_w]
+    size_ids = np.array([h, w, top, left, bucket_h, bucket_w], np.float32)
     return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1)), size_ids
+
+
+def read_image_sizes(data: CaptionedImages, skip_bad_images: bool = True, num_workers: int = 0) -> list:
+    """(width, height) of every example from its header, None for one that cannot be opened (skipped with a warning)."""
+
+    def size(i: int):
+        try:
+            return data.image_size(i)
+        except BadImageError as e:
+            if not skip_bad_images:
+                raise BadImageError(f"{e} ({SKIP_HINT})") from e
+            logger.warning("skipping %s", e)
+            return None
+
+    if num_workers > 0:
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+            return list(pool.map(size, range(len(data))))
+    return [size(i) for i in range(len(data))]
+
+
+def training_buckets(data: CaptionedImages, config) -> Any:
+    """The aspect-ratio buckets (flax_lora.buckets.Buckets) of a TrainConfig's --enable_bucket flags."""
+    from flax_lora.buckets import assign_buckets
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    ignored = [k for k in ("min_bucket_reso", "max_bucket_reso") if getattr(config, k) != defaults[k]]
+    if config.bucket_no_upscale and ignored:
+        logger.info("--min_bucket_reso and --max_bucket_reso are ignored with --bucket_no_upscale (as kohya's)")
+    logger.info("reading the sizes of %d images for aspect-ratio buckets...", len(data))
+    sizes = read_image_sizes(data, config.skip_bad_images, config.dataloader_num_workers)
+    if all(s is None for s in sizes):
+        raise UserError(f"no readable training images in {data.source}")
+    return assign_buckets(
+        sizes, config.resolution, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps,
+        config.bucket_no_upscale,
+    )
 
 
 # --------------------------------------------------------------------------------------------- loader
@@ -344,6 +442,8 @@ class BatchLoader:
     SDXL loaders (`tokenizer_2` set) add `input_ids_2` and `time_ids` (n, 6: original size, crop top-left,
     target size of each example as it was cropped; `time_ids_cache` (n, flips, 6) with cached latents).
     `caption_dropout_rate` replaces a caption by "" (with a text cache: by `empty_text`, the empty caption's arrays).
+    With `buckets` (--enable_bucket) each step reads one bucket's examples (flax_lora.buckets.StepPlan), cropped
+    to its width x height, and `latent_cache` may be a list of per-example arrays of their buckets' shapes.
     """
 
     data: CaptionedImages
@@ -365,23 +465,38 @@ class BatchLoader:
     interpolation: str = "bilinear"  # --image_interpolation_mode
     caption_dropout_rate: float = 0.0
     empty_text: dict[str, np.ndarray] | None = None
+    buckets: Any = None  # flax_lora.buckets.Buckets (--enable_bucket)
     bad_images: set = field(default_factory=set)
     _perms: dict = field(default_factory=dict)
     _pool: Any = None
+    _plan: Any = field(default=None, init=False, repr=False)  # built from `buckets`, also by dataclasses.replace
 
     def __post_init__(self):
         if self.valid is None:
             self.valid = np.arange(len(self.data))
+        if self.buckets is not None:  # examples without a bucket (unreadable headers) are not trained on
+            self.valid = self.valid[self.buckets.of[self.valid] >= 0]
         if len(self.valid) == 0:
             raise UserError(f"no readable training images in {self.data.source}")
         if self.caption_dropout_rate > 0 and self.text_cache is not None and self.empty_text is None:
             raise ValueError("caption dropout with a text cache needs the empty caption's arrays (empty_text)")
         if self.num_workers > 0:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
+        if self.buckets is not None:
+            from flax_lora.buckets import StepPlan
+
+            self._plan = StepPlan(self.buckets, self.valid, self.global_batch * self.accum, self.seed)
 
     @property
     def num_examples(self) -> int:
         return len(self.valid)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps that see every example at least once (with buckets: each bucket's last step filled up)."""
+        if self._plan is not None:
+            return self._plan.steps_per_epoch
+        return math.ceil(len(self.valid) / (self.global_batch * self.accum))
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -392,14 +507,19 @@ class BatchLoader:
 
     def example_at(self, position: int) -> int:
         """Example index at a stream position."""
+        if self._plan is not None:
+            return self._plan.example_at(position)
         n = len(self.valid)
         return int(self._perm(position // n)[position % n])
 
     def _load_pixels(self, position: int, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray]:
-        """Decode and preprocess the image at `position`; a bad image is replaced by the next good one."""
+        """Decode and preprocess the image at `position`; a bad one is replaced by the next good one (of its bucket)."""
         n = len(self.valid)
-        for k in range(n):
-            idx = self.example_at(position + k)
+        if self._plan is not None:
+            candidates = self._plan.candidates(position)
+        else:
+            candidates = (self.example_at(position + k) for k in range(n))
+        for idx in candidates:
             if idx in self.bad_images:
                 continue
             try:
@@ -410,7 +530,15 @@ class BatchLoader:
                 self.bad_images.add(idx)
                 logger.warning("skipping %s (%d unreadable so far)", e, len(self.bad_images))
                 continue
-            return (idx, *crop_image(img, self.resolution, self.center_crop, self.random_flip, rng, self.interpolation))
+            if self.buckets is not None:
+                bucket, resized = self.buckets.size_of(idx), self.buckets.resized_of(idx)
+                crop = crop_to_bucket(img, bucket, resized, self.center_crop, self.random_flip, rng, self.interpolation)
+            else:
+                crop = crop_image(img, self.resolution, self.center_crop, self.random_flip, rng, self.interpolation)
+            return (idx, *crop)
+        if self.buckets is not None:
+            size = "x".join(map(str, self.buckets.size_of(idx)))
+            raise BadImageError(f"none of the images of the {size} bucket in {self.data.source} could be read")
         raise BadImageError(f"none of the {n} images in {self.data.source} could be read")
 
     def caption_dropped(self, position: int) -> bool:
@@ -426,7 +554,7 @@ class BatchLoader:
         else:
             idx = self.example_at(position)
             flip = int(self.random_flip and rng.random() < 0.5)
-            out["latent_mean"], out["latent_std"] = self.latent_cache[idx, flip]
+            out["latent_mean"], out["latent_std"] = self.latent_cache[idx][flip]  # an array or, with buckets, a list
             time_ids = None if self.time_ids_cache is None else self.time_ids_cache[idx, flip]
         if self.tokenizer_2 is not None:
             out["time_ids"] = time_ids

@@ -7,8 +7,14 @@ Design:
 - Every scaling rule a file carries is applied exactly as its writer's loader applies it: kohya's per-module
   `.alpha`; PEFT's `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` (from diffusers'
   `lora_adapter_metadata` header or PEFT's `adapter_config.json`); alpha = rank when a file says nothing, as
-  newest diffusers does. Anything else that changes how weights apply (DoRA, LoHa, a LoRA bias, an unknown
-  PEFT setting, ...) is refused with the file and the field or key, never applied approximately.
+  newest diffusers does. Anything else that changes how weights apply (kohya/LyCORIS DoRA, LoHa, a LoRA bias, an
+  unknown PEFT setting, ...) is refused with the file and the field or key, never applied approximately.
+- DoRA is PEFT's: `<module>.lora_magnitude_vector` keys ((out,), a conv's (1, out, 1, 1)) and `use_dora: true` in
+  the PEFT config, read and written for the diffusers and PEFT layouts. kohya/LyCORIS' `dora_scale` is another
+  decomposition that diffusers' own loader drops, so kohya export of DoRA and kohya files with it are refused.
+- LoCon (a k x k conv's LoRA): down (r, in, k, k) with the base conv's window, up (out, r, 1, 1), in every format
+  (kohya's lora_down/lora_up with a per-module alpha; PEFT's lora_A/lora_B, their rank/alpha through
+  rank_pattern/alpha_pattern). Another window is refused: our conv applies only that geometry exactly.
 - Our diffusers export folds alpha/rank into `up` and writes `lora_alpha = r`: diffusers releases before the
   header existed (<= 0.33) apply scale 1, newer ones read the header, so every version applies our scale.
   The trained rank and alpha stay in the header (`flax_lora_alpha`) and come back on import.
@@ -35,7 +41,9 @@ from flax.traverse_util import unflatten_dict
 from flax_lora.errors import MissingFileError, UserError
 from flax_lora.models.convert import UnreadableWeightsError, read_safetensors
 from flax_lora.models.torch_pickle import load_torch_file
-from flax_lora.lora import LoraAdapter, LoraConfig, ModulePath, Params, linear_modules, lora_modules, pt_module_path
+from flax_lora.lora import (
+    LoraAdapter, LoraConfig, ModulePath, Params, dora_magnitudes, is_spatial, linear_modules, lora_modules, pt_module_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"  # what PEFT's save_pretrained writes, beside its config
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # keys of a PeftModel's save_pretrained
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # PEFT's DoRA magnitude, as its state dicts and diffusers save it
 METADATA_KEY = "lora_adapter_metadata"  # diffusers reads alpha from here (a JSON PEFT LoraConfig)
 TRAINED_ALPHA_KEY = "flax_lora_alpha"  # our export's trained rank and alpha per component (the weights carry the scale)
 BASE_MODEL_KEY = "base_model"
@@ -206,7 +215,7 @@ def _peft_config(config: LoraConfig, tree: Params) -> dict[str, Any]:
         "rank_pattern": rank_pattern,
         "alpha_pattern": dict(rank_pattern),
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
-        "use_dora": False,
+        "use_dora": bool(dora_magnitudes(tree)),
         "lora_bias": False,
     }
 
@@ -250,23 +259,38 @@ def adapter_state_dict(
     for component, tree in adapter.params.items():
         config = adapter.configs[component]
         modules = lora_modules(tree)
+        magnitudes = dora_magnitudes(tree)
+        if magnitudes and format == "kohya":
+            raise UserError(
+                f"the {component} adapter is DoRA, which the kohya format cannot carry (kohya/LyCORIS' dora_scale is "
+                "another decomposition, and diffusers drops it): export it as 'diffusers'"
+            )
         down_suffix, up_suffix = _diffusers_suffixes(component, [pt_module_path(p) for p in modules])
         for path, (down, up) in modules.items():
             is_conv = down.ndim == 4
             pt_path = pt_module_path(path)
+            scale = config.module_scale(down.shape)  # conv (LoCon) modules have their own
             if format == "diffusers":
                 key = f"{DIFFUSERS_PREFIX[component]}.{pt_path}"
                 tensors[key + down_suffix] = _pt_layout(down, is_conv)
-                tensors[key + up_suffix] = _pt_layout(up, is_conv) * np.float32(config.scale)
+                tensors[key + up_suffix] = _pt_layout(up, is_conv) * np.float32(scale)
+                if path in magnitudes:  # PEFT's shapes: (out,), a conv's (1, out, 1, 1)
+                    magnitude = np.asarray(magnitudes[path], dtype=np.float32)
+                    # transformers 5's adapter loader (diffusers' text encoder path) maps only the `.weight` spelling
+                    # onto PEFT's parameter; the UNet keeps the spelling PEFT saves. PEFT itself reads both.
+                    suffix = MAGNITUDE_SUFFIX if component == "unet" else MAGNITUDE_SUFFIX + ".weight"
+                    tensors[key + suffix] = magnitude.reshape(1, -1, 1, 1) if is_conv else magnitude
             else:
                 name = kohya_unet[pt_path] if component == "unet" else pt_path
                 key = f"{_kohya_prefixes(component, sdxl)[0]}_{name.replace('.', '_')}"
                 tensors[f"{key}.lora_down.weight"] = _pt_layout(down, is_conv)
                 tensors[f"{key}.lora_up.weight"] = _pt_layout(up, is_conv)
                 # kohya's per-module alpha: scale = alpha / rank of that module.
-                tensors[f"{key}.alpha"] = np.asarray(config.scale * down.shape[-1], dtype=np.float32)
+                tensors[f"{key}.alpha"] = np.asarray(scale * down.shape[-1], dtype=np.float32)
         peft_metadata.update({f"{component}.{k}": v for k, v in _peft_config(config, tree).items()})
         trained[component] = {"r": config.rank, "lora_alpha": config.lora_alpha}
+        if config.conv_rank is not None:
+            trained[component].update(conv_r=config.conv_rank, conv_lora_alpha=config.conv_lora_alpha)
     if format == "diffusers":
         metadata[METADATA_KEY] = json.dumps(peft_metadata, sort_keys=True)
         metadata[TRAINED_ALPHA_KEY] = json.dumps(trained, sort_keys=True)
@@ -277,6 +301,9 @@ def adapter_state_dict(
             ss_network_dim=str(unet_config.rank),
             ss_network_alpha=str(unet_config.lora_alpha),
         )
+        if unet_config.conv_rank is not None:  # kohya records its LoCon settings as --network_args
+            args = {"conv_dim": str(unet_config.conv_rank), "conv_alpha": str(unet_config.conv_lora_alpha)}
+            metadata["ss_network_args"] = json.dumps(args)
         if sdxl:  # what kohya's SDXL trainer records; UIs read it to tell SDXL LoRAs apart
             metadata["ss_base_model_version"] = KOHYA_SDXL_MODEL_VERSION
         if adapter.base_model:
@@ -324,7 +351,7 @@ def save_adapter(
 
 # Keys of adapter kinds this project does not apply, by what they are (checked before any other key rule).
 _UNSUPPORTED_KEYS = (
-    (re.compile(r"lora_magnitude_vector|\.dora_scale$"), "DoRA (a magnitude vector per module)"),
+    (re.compile(r"\.dora_scale$"), "kohya/LyCORIS DoRA (dora_scale; diffusers drops it too; PEFT's lora_magnitude_vector DoRA loads)"),
     (re.compile(r"\.hada_"), "LoHa (LyCORIS/PEFT Hadamard-product factors)"),
     (re.compile(r"\.lokr_"), "LoKr (LyCORIS/PEFT Kronecker-product factors)"),
     (re.compile(r"(^|\.)b?oft_"), "OFT/BOFT (orthogonal fine-tuning blocks)"),
@@ -341,6 +368,7 @@ _PEFT_INERT_FIELDS = frozenset(
         "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "init_lora_weights",
         "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
         "qalora_group_size", "runtime_config", "ensure_weight_tying", "bias",
+        "use_dora",  # applied: load_adapter checks it against the lora_magnitude_vector keys, module by module
     }
 )
 # Initialisations that leave the base weights untouched (PiSSA, OLoRA, CorDA, LoftQ, ... rewrite them).
@@ -455,7 +483,7 @@ def _pattern_names(path: ModulePath) -> tuple[str, ...]:
 
 
 def _split_key(key: str, file: Path) -> tuple[str, str, str]:
-    """(module name, role, naming style) of a file key; role is 'down', 'up' or 'alpha'."""
+    """(module name, role, naming style) of a file key; role is 'down', 'up', 'alpha' or 'magnitude' (DoRA)."""
     for pattern, what in _UNSUPPORTED_KEYS:
         if pattern.search(key):
             raise AdapterFormatError(f"{file}: key {key!r} is {what}, which flax-lora does not apply (plain LoRA only)")
@@ -467,6 +495,9 @@ def _split_key(key: str, file: Path) -> tuple[str, str, str]:
             return key[: -len(up_suffix)], "up", style
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha", "alpha"
+    for suffix in (MAGNITUDE_SUFFIX, MAGNITUDE_SUFFIX + ".weight"):  # PEFT saves the first, its modules hold the second
+        if key.endswith(suffix):
+            return key[: -len(suffix)], "magnitude", "magnitude"
     raise AdapterFormatError(
         f"{file}: key {key!r} is not a LoRA weight (expected .lora.down/.lora_A/.lora_down/.alpha)"
     )
@@ -509,28 +540,32 @@ def _unknown_module_error(
 
 
 def _flax_layout(array: np.ndarray, kernel_shape: tuple[int, ...], role: str, key: str, file: Path) -> np.ndarray:
-    """PyTorch (r, in)/(out, r) or OIHW -> the Flax LoRA layout of this base kernel, shape-checked."""
+    """PyTorch (r, in)/(out, r) or OIHW -> the Flax LoRA layout of this base kernel, shape- and geometry-checked."""
     array = np.asarray(array, dtype=np.float32)
-    if array.ndim == 4:
-        if array.shape[2:] != (1, 1):
-            raise AdapterFormatError(
-                f"{file}: {key} is a {array.shape[2]}x{array.shape[3]} conv LoRA (kohya LoCon); flax-lora applies "
-                f"LoRA to Dense and 1x1 conv layers only"
-            )
-        array = array[:, :, 0, 0]
-    if array.ndim != 2:
-        raise AdapterFormatError(f"{file}: {key} has shape {array.shape}; expected a 2-D or 1x1 conv LoRA weight")
-    array = array.T  # now down (in, r) or up (r, out)
-    fan_in, fan_out = kernel_shape[-2], kernel_shape[-1]
-    want = (fan_in, array.shape[1]) if role == "down" else (array.shape[0], fan_out)
-    if array.shape != want:
+    # kohya's LoCon and PEFT give a conv's LoRA `down` the base conv's window (and stride and padding) and a 1x1 `up`:
+    # what our Conv2d applies. Any other window would not apply as the file's writer applies it, so it is refused.
+    window = tuple(kernel_shape[:2]) if is_spatial(kernel_shape) and role == "down" else (1, 1)
+    if (array.ndim == 4 and array.shape[2:] != window) or (array.ndim == 2 and window != (1, 1)):
+        have = f"a {array.shape[2]}x{array.shape[3]} conv" if array.ndim == 4 else "a 2-D (Linear)"
         raise AdapterFormatError(
-            f"{file}: {key} has shape {tuple(array.T.shape)} but the base model needs {(want[1], want[0])} "
+            f"{file}: {key} is {have} LoRA weight {tuple(array.shape)} on a module with kernel {kernel_shape}; a LoRA "
+            f"{role} there must be a {window[0]}x{window[1]} conv (down: the base conv's window, up: 1x1, as kohya LoCon "
+            "and PEFT write them), the only geometry flax-lora applies exactly"
+        )
+    if array.ndim not in (2, 4):
+        raise AdapterFormatError(f"{file}: {key} has shape {array.shape}; expected a 2-D or conv LoRA weight")
+    flax = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T  # now down (..., in, r) or up (..., r, out)
+    fan_in, fan_out = kernel_shape[-2], kernel_shape[-1]
+    want = (fan_in, flax.shape[-1]) if role == "down" else (flax.shape[-2], fan_out)
+    if flax.shape[-2:] != want:
+        needed = (want[1], want[0]) + (window if array.ndim == 4 else ())
+        raise AdapterFormatError(
+            f"{file}: {key} has shape {tuple(array.shape)} but the base model needs {needed} "
             f"(its kernel is {kernel_shape}); is this LoRA for another model?"
         )
-    if len(kernel_shape) == 4:
-        array = array.reshape((1, 1) + array.shape)
-    return array
+    if len(kernel_shape) == 2:
+        return flax.reshape(want)
+    return flax if flax.ndim == 4 else flax.reshape((1, 1) + want)
 
 
 def _json_table(text: str, where: str) -> dict[str, Any]:
@@ -562,14 +597,10 @@ def _peft_configs(file: Path, metadata: dict[str, str]) -> dict[str | None, tupl
 
 
 def _check_peft_config(config: dict[str, Any], where: str) -> None:
-    """Refuse, by field, a PEFT config whose weights would apply differently than plain (rs)LoRA."""
+    """Refuse, by field, a PEFT config whose weights would apply differently than (rs)LoRA or DoRA."""
     peft_type = config.get("peft_type")
     if peft_type not in (None, "LORA"):
         raise AdapterFormatError(f"{where}: peft_type is {peft_type}; flax-lora applies plain LoRA adapters only")
-    if config.get("use_dora"):
-        raise AdapterFormatError(
-            f"{where}: use_dora is true (a DoRA adapter); flax-lora does not apply DoRA yet, and never approximately"
-        )
     init = config.get("init_lora_weights", True)
     if init not in _PEFT_PLAIN_INITS:
         raise AdapterFormatError(
@@ -606,15 +637,66 @@ def _peft_scale(config: dict[str, Any], names: tuple[str, ...], rank: int, modul
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def _trained_scales(metadata: dict[str, str], file: Path) -> dict[str, float]:
-    """alpha / rank per component as our export records it (its weights carry that scale)."""
+def _trained_scales(metadata: dict[str, str], file: Path) -> dict[str, tuple[float, float | None]]:
+    """(alpha / rank, conv_alpha / conv_rank or None) per component as our export records them (its weights carry them)."""
     if TRAINED_ALPHA_KEY not in metadata:
         return {}
     where = f"{file} (header {TRAINED_ALPHA_KEY})"
+
+    def scales(v: dict[str, Any]) -> tuple[float, float | None]:
+        conv = float(v["conv_lora_alpha"]) / float(v["conv_r"]) if "conv_r" in v else None
+        return float(v["lora_alpha"]) / float(v["r"]), conv
+
     try:
-        return {c: float(v["lora_alpha"]) / float(v["r"]) for c, v in _json_table(metadata[TRAINED_ALPHA_KEY], where).items()}
+        return {c: scales(v) for c, v in _json_table(metadata[TRAINED_ALPHA_KEY], where).items()}
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise AdapterFormatError(f"{where} is malformed ({type(e).__name__}: {e}); expected r and lora_alpha per component") from e
+
+
+def _imported_ranks(
+    entries: dict[ModulePath, tuple[np.ndarray, np.ndarray, float]], trained: tuple[float, float | None] | None
+) -> dict[str, Any]:
+    """LoraConfig fields of imported modules: the commonest rank and scale of the linear and of the conv (LoCon) ones.
+
+    `trained` holds the scales our export recorded (its weights carry them); they win over the file's.
+    """
+    linear_scale, conv_scale = trained or (None, None)
+
+    def rank_alpha(conv: bool, recorded: float | None) -> tuple[int, float] | tuple[None, None]:
+        group = [(down.shape[-1], s) for down, _, s in entries.values() if is_spatial(down.shape) == conv]
+        if not group:
+            return None, None
+        rank = int(Counter(r for r, _ in group).most_common(1)[0][0])
+        return rank, (recorded or Counter(s for _, s in group).most_common(1)[0][0]) * rank
+
+    conv_rank, conv_alpha = rank_alpha(True, conv_scale)
+    rank, alpha = rank_alpha(False, linear_scale)
+    if rank is None:  # a conv-only adapter: its rank and alpha are the conv ones
+        rank, alpha = conv_rank, conv_alpha
+    targets = tuple(sorted(pt_module_path(p) for p in entries))
+    return dict(rank=rank, alpha=alpha, target_modules=targets, conv_rank=conv_rank, conv_alpha=conv_alpha)
+
+
+def _dora_magnitude(
+    parts: dict[str, np.ndarray], kernel_shape: tuple[int, ...], name: str, peft: tuple[dict[str, Any], str] | None, file: Path
+) -> np.ndarray:
+    """A module's DoRA magnitude (out,), checked against its kernel and against the PEFT config's use_dora."""
+    if "magnitude" not in parts:
+        raise AdapterFormatError(f"{peft[1]} says use_dora is true, but module {name!r} has no lora_magnitude_vector in {file}")
+    if peft is not None and not peft[0].get("use_dora"):
+        raise AdapterFormatError(
+            f"{file}: module {name!r} has a lora_magnitude_vector (DoRA) but {peft[1]} says use_dora is false, so "
+            "PEFT would not apply it; fix the header's use_dora"
+        )
+    array = np.asarray(parts["magnitude"], dtype=np.float32)
+    features = kernel_shape[-1]
+    # PEFT stores a Linear's as (out,) and a conv's as (1, out, 1, 1).
+    if array.size != features or max(array.shape, default=1) != array.size:
+        raise AdapterFormatError(
+            f"{file}: {name} lora_magnitude_vector has shape {array.shape} but the base module has {features} output "
+            f"features (its kernel is {kernel_shape}); is this DoRA adapter for another model?"
+        )
+    return array.reshape(features)
 
 
 def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> LoraAdapter:
@@ -625,14 +707,17 @@ def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> Lor
     peft_configs = _peft_configs(file, metadata)
     found: dict[str, dict[str, np.ndarray]] = {}
     styles: dict[str, str] = {}
+    bare_magnitudes: list[str] = []  # DoRA magnitudes spelled `.lora_magnitude_vector`, as PEFT saves them
     for key, value in tensors.items():
         name, role, style = _split_key(key, file)
         name = name.removeprefix(PEFT_PREFIX)
         if name not in table:
             raise _unknown_module_error(file, key, name, table, base_params)
         found.setdefault(name, {})[role] = value
-        if role != "alpha":
+        if role in ("down", "up"):
             styles[name] = style
+        elif role == "magnitude" and not key.endswith(".weight"):
+            bare_magnitudes.append(name)
     if not found:
         raise AdapterFormatError(f"{file} holds no LoRA weights")
     entries = _resolve_modules(found, table, file)
@@ -643,6 +728,17 @@ def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> Lor
             "%s: its UNet keys mix PEFT (lora_A/lora_B) and diffusers (lora.down/lora.up) names; flax-lora applies "
             "all of them, but PyTorch diffusers' load_lora_weights may apply only the modules named like the first key",
             file,
+        )
+    text_magnitudes = [name for name in bare_magnitudes if entries[name][0] != "unet"]
+    if text_magnitudes:
+        # transformers 5's adapter loader renames `.lora_magnitude_vector` to a key PEFT's DoRA layer does not have.
+        logger.warning(
+            "%s: its text encoder DoRA magnitudes are named `.lora_magnitude_vector` (e.g. %s); flax-lora applies them, "
+            "but PyTorch diffusers' load_lora_weights with transformers 5 leaves them at their initial value (seen "
+            "with transformers 5.24, peft 0.21), so its text encoder differs; flax-lora's export writes "
+            "`.lora_magnitude_vector.weight`, which both load",
+            file,
+            text_magnitudes[0],
         )
     sgm = [name for name in unet_names if re.search(r"input_blocks|middle_block|output_blocks", name)]
     if sgm and len(sgm) < len(unet_names) and any(re.search(r"down_blocks|mid_block|up_blocks", n) for n in unet_names):
@@ -655,6 +751,7 @@ def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> Lor
         )
 
     modules: dict[str, dict[ModulePath, tuple[np.ndarray, np.ndarray, float]]] = {}
+    magnitudes: dict[str, dict[ModulePath, np.ndarray]] = {}
     named: dict[tuple[str, ModulePath], str] = {}
     for name, parts in found.items():
         component, flax_path, kernel_shape = entries[name]
@@ -684,23 +781,27 @@ def load_adapter(path: str | os.PathLike, base_params: dict[str, Params]) -> Lor
         else:  # no alpha anywhere: scale 1 per module, as newest diffusers and PEFT assume
             scale = 1.0
         modules.setdefault(component, {})[flax_path] = (down, up, scale)
+        if "magnitude" in parts or (peft is not None and peft[0].get("use_dora")):
+            magnitudes.setdefault(component, {})[flax_path] = _dora_magnitude(parts, kernel_shape, name, peft, file)
 
     trained = _trained_scales(metadata, file)
     params, configs = {}, {}
     for component, entries in modules.items():
-        rank = Counter(down.shape[-1] for down, _, _ in entries.values()).most_common(1)[0][0]
-        scale = trained.get(component) or Counter(s for _, _, s in entries.values()).most_common(1)[0][0]
-        config = LoraConfig(
-            rank=int(rank),
-            alpha=scale * rank,
-            target_modules=tuple(sorted(pt_module_path(p) for p in entries)),
-        )
-        flat = {}
+        dora = magnitudes.get(component, {})
+        if dora and len(dora) < len(entries):
+            plain = next(pt_module_path(p) for p in entries if p not in dora)
+            raise AdapterFormatError(
+                f"{file}: {component} module {pt_module_path(next(iter(dora)))!r} is DoRA (lora_magnitude_vector) but "
+                f"{plain!r} has no magnitude; PEFT's use_dora holds for every module of a model"
+            )
+        config = LoraConfig(**_imported_ranks(entries, trained.get(component)), use_dora=bool(dora))
+        flat = {path + ("magnitude",): magnitude for path, magnitude in dora.items()}
         for flax_path, (down, up, module_scale) in entries.items():
             # A module whose scale differs from the adapter's keeps its own through `up` (our export's folded
             # scale comes back out the same way).
+            wanted = config.module_scale(down.shape)
             flat[flax_path + ("down",)] = down
-            flat[flax_path + ("up",)] = up * (module_scale / config.scale) if module_scale != config.scale else up
+            flat[flax_path + ("up",)] = up * (module_scale / wanted) if module_scale != wanted else up
         params[component] = unflatten_dict(flat)
         configs[component] = config
     base_model = metadata.get(BASE_MODEL_KEY) or metadata.get("ss_sd_model_name") or None

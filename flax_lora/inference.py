@@ -58,6 +58,21 @@ class LoadedLora:
     fused: bool = False
 
 
+def _refuse_dora_overlap(loaded: LoadedLora, adapter, name: str) -> None:
+    """DoraOverlapError when a DoRA adapter and another one (fused or not) change the same module."""
+    from flax_lora.lora import DoraOverlapError, dora_magnitudes, lora_modules, pt_module_path
+
+    for component, tree in adapter.params.items():
+        other = loaded.adapter.params.get(component, {})
+        shared = lora_modules(tree).keys() & lora_modules(other).keys()
+        dora = shared & (dora_magnitudes(tree).keys() | dora_magnitudes(other).keys())
+        if dora:
+            raise DoraOverlapError(
+                f"adapters {loaded.name} and {name} both change {component} module {pt_module_path(min(dora))} and one "
+                "is DoRA, which must be alone on its modules (PEFT's result depends on their order): load one of them"
+            )
+
+
 class FlaxLoraPipeline:
     """Stable Diffusion 1.x/2.x/XL text-to-image in Flax with LoRA adapters; `__call__` returns images in [0, 1]."""
 
@@ -104,11 +119,13 @@ class FlaxLoraPipeline:
         """Add an in-memory `LoraAdapter` (e.g. a trainer's current weights) at `scale`; `fuse` merges it in."""
         from flax_lora.lora import merge_lora
 
+        for other in self.loras:
+            _refuse_dora_overlap(other, adapter, name)
         lora = LoadedLora(adapter=adapter, scale=float(scale), name=name, fused=fuse)
         if fuse:
             params = dict(self.params)
-            for component, tree in adapter.params.items():
-                params[component] = merge_lora(params[component], tree, adapter.configs[component].scale * scale)
+            for component in adapter.params:
+                params[component] = merge_lora(params[component], *adapter.scope_layers(component, scale))
             self.params = jax.device_put(params, self._replicated)
         self.loras.append(lora)
         return adapter
@@ -137,7 +154,7 @@ class FlaxLoraPipeline:
             for component in layers:
                 tree, scale = lora.adapter.scope_layers(component, lora.scale)
                 if tree:
-                    layers[component].append((tree, jnp.float32(scale)))
+                    layers[component].append((tree, jax.tree.map(jnp.float32, scale)))  # one, or one per module
         return jax.device_put(layers, self._replicated)
 
     # -- sampling

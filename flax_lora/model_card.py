@@ -40,6 +40,12 @@ class CardInfo:
     resolution: int
     validation_prompt: str | None = None
     sdxl: bool = False
+    instance_prompt: str | None = None  # DreamBooth (--instance_data_dir): the caption of every training image
+    class_prompt: str | None = None  # with --with_prior_preservation
+    train_text_encoder: bool = False
+    conv_rank: int | None = None  # LoCon (--conv_rank): the rank and alpha of the 3x3 conv modules
+    conv_alpha: float | None = None
+    use_dora: bool = False
 
 
 def save_image_grid(paths: list[str], out_path: str) -> str:
@@ -57,8 +63,9 @@ def save_image_grid(paths: list[str], out_path: str) -> str:
     return out_path
 
 
-def _front_matter(base_model: str) -> str:
-    """The card's YAML metadata; the hub only takes a repository id as base_model, so a local path is left out."""
+def _front_matter(base_model: str, instance_prompt: str | None = None) -> str:
+    """The card's YAML metadata; the hub only takes a repository id as base_model, so a local path is left out.
+    DreamBooth cards carry the instance prompt, as diffusers' do (the hub's widget prompts with it)."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
@@ -67,6 +74,7 @@ def _front_matter(base_model: str) -> str:
         base_model=base_model if is_hub_id(base_model) else None,
         tags=TAGS,
         inference=True,
+        instance_prompt=instance_prompt,  # None is left out of the YAML
     )
     return f"---\n{data.to_yaml()}\n---\n"
 
@@ -75,14 +83,31 @@ def render_card(info: CardInfo, adapter_files: list[str], images: list[str], gri
     """The model card's text; files are given relative to the output folder."""
     base = info.base_model
     base_link = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
+    trained_on, kind = info.dataset, "text-to-image fine-tuning"
+    if info.instance_prompt is not None:  # as diffusers' DreamBooth card: the prompt that names the subject
+        kind = "DreamBooth"
+        prior = f", with prior preservation on images of `{info.class_prompt}`" if info.class_prompt else ""
+        dreambooth = "[DreamBooth](https://dreambooth.github.io/)"
+        trained_on = f"{info.dataset} captioned `{info.instance_prompt}` with {dreambooth}{prior}"
+    extras = ""
+    if info.conv_rank is not None:
+        extras += f", LoRA on the 3x3 convs too (LoCon: conv rank {info.conv_rank}, conv alpha {info.conv_alpha:g})"
+    if info.use_dora:
+        extras += ", DoRA (a trained magnitude per output feature; `load_lora_weights` applies it)"
     lines = [
-        f"# LoRA text-to-image fine-tuning: {info.title}",
+        f"# LoRA {kind}: {info.title}",
         "",
-        f"LoRA adapter weights for {base_link}, trained with flax-lora (JAX/Flax) on {info.dataset}: "
-        f"{info.steps} steps at {info.resolution} px, rank {info.rank}, alpha {info.alpha:g}, "
+        f"LoRA adapter weights for {base_link}, trained with flax-lora (JAX/Flax) on {trained_on}: "
+        f"{info.steps} steps at {info.resolution} px, rank {info.rank}, alpha {info.alpha:g}{extras}, "
         f"learning rate {info.learning_rate:g}.",
         "",
     ]
+    if info.instance_prompt is not None:
+        lines += [
+            f"Instance prompt: `{info.instance_prompt}` (prompts that contain it show the trained subject). LoRA on "
+            f"the text encoder: {'yes' if info.train_text_encoder else 'no'}.",
+            "",
+        ]
     if images:
         lines += ["## Validation images", ""]
         if info.validation_prompt:
@@ -91,7 +116,7 @@ def render_card(info: CardInfo, adapter_files: list[str], images: list[str], gri
             lines += [f"![validation images](./{grid})", ""]
         lines += [" ".join(f"[{os.path.basename(p)}](./{p})" for p in images), ""]
     files = [os.path.basename(f) for f in adapter_files]
-    prompt = (info.validation_prompt or "a photo").replace('"', '\\"')
+    prompt = (info.validation_prompt or info.instance_prompt or "a photo").replace('"', '\\"')
     if DIFFUSERS_WEIGHT_NAME in files:
         pipeline = "StableDiffusionXLPipeline" if info.sdxl else "StableDiffusionPipeline"
         lines += [
@@ -140,5 +165,6 @@ def write_model_card(output_dir: str, info: CardInfo, adapter_files: list[str], 
         grid = GRID_NAME
     path = os.path.join(output_dir, CARD_NAME)
     with open(path, "w") as f:
-        f.write(_front_matter(info.base_model) + "\n" + render_card(info, adapter_files, rel_images, grid))
+        card = render_card(info, adapter_files, rel_images, grid)
+        f.write(_front_matter(info.base_model, info.instance_prompt) + "\n" + card)
     return path

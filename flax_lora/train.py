@@ -109,16 +109,26 @@ def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
 
 
 def diffusion_loss(
-    pred: jax.Array, target: jax.Array, t: jax.Array, schedule: NoiseSchedule, snr_gamma: float | None = None
+    pred: jax.Array, target: jax.Array, t: jax.Array, schedule: NoiseSchedule, snr_gamma: float | None = None,
+    prior: jax.Array | None = None, prior_loss_weight: float = 1.0,
 ) -> jax.Array:
-    """MSE between prediction and target, optionally min-SNR-gamma weighted per sample (Hang et al. 2023)."""
+    """MSE between prediction and target, optionally min-SNR-gamma weighted per sample (Hang et al. 2023).
+
+    `prior` (1.0 marks a DreamBooth class example): mean of the instance examples + prior_loss_weight x plain mean of
+    the class examples, as diffusers' DreamBooth scripts (their SDXL one SNR-weights only the instance examples)."""
     per_sample = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=tuple(range(1, pred.ndim)))
-    if snr_gamma is None:
-        return per_sample.mean()
-    s = snr(schedule, t)
-    weight = jnp.minimum(s, snr_gamma)
-    weight = weight / s if schedule.prediction_type == "epsilon" else weight / (s + 1.0)
-    return (per_sample * weight).mean()
+    weighted = per_sample
+    if snr_gamma is not None:
+        s = snr(schedule, t)
+        weight = jnp.minimum(s, snr_gamma)
+        weight = weight / s if schedule.prediction_type == "epsilon" else weight / (s + 1.0)
+        weighted = per_sample * weight
+    if prior is None:
+        return weighted.mean()
+    prior = prior.astype(jnp.float32)
+    instance = 1.0 - prior
+    instance_loss = (weighted * instance).sum() / jnp.maximum(instance.sum(), 1.0)
+    return instance_loss + prior_loss_weight * (per_sample * prior).sum() / jnp.maximum(prior.sum(), 1.0)
 
 
 # -------------------------------------------------------------------------------------------- optimizer
@@ -271,18 +281,19 @@ def create_train_state(lora_params: dict, optimizer: optax.GradientTransformatio
 # ------------------------------------------------------------------------------------------- the step
 
 
-def lora_scales(adapter_configs: dict) -> dict[str, float]:
-    """alpha / rank per component."""
-    return {k: float(c.scale) for k, c in adapter_configs.items()}
-
-
 def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def lora_layers(lora: dict, scales: dict[str, float], component: str) -> tuple:
-    """The (tree, scale) pair of a component for the models' LoRA collection; empty when it is not trained."""
-    return ((lora[component], scales[component]),) if component in lora else ()
+def lora_layers(lora: dict, adapter_configs: dict, component: str) -> tuple:
+    """The (tree, scale) pair of a component for the models' LoRA collection; empty when it is not trained.
+
+    The scale comes from the shapes alone (LoraConfig.tree_scale: conv modules may have their own), so it is a
+    constant of the trace.
+    """
+    if component not in lora:
+        return ()
+    return ((lora[component], adapter_configs[component].tree_scale(lora[component])),)
 
 
 class TrainStep:
@@ -318,9 +329,11 @@ def make_train_step(
     noise_offset: float = 0.0,
     compute_dtype=jnp.float32,
     lr_fn: optax.Schedule | None = None,
+    prior_loss_weight: float = 1.0,
 ) -> TrainStep:
-    """Jit one optimizer update over the mesh; batch = pixels+ids or cached latents+text embeddings, (accum, B, ...)."""
-    scales = lora_scales(adapter_configs)
+    """Jit one optimizer update over the mesh; batch = pixels+ids or cached latents+text embeddings, (accum, B, ...).
+
+    A batch with `prior` (DreamBooth's prior preservation) weighs its class examples by `prior_loss_weight`."""
     train_te = any(c in adapter_configs for c in TEXT_ENCODERS)
     replicated = NamedSharding(mesh, P())
     base = base_params if base_params is not None else pipe.params
@@ -345,7 +358,7 @@ def make_train_step(
             context, pooled = micro["text_embeddings"], micro.get("pooled_text_embeddings")
         else:
             ids = {k: micro[k] for k in ("input_ids", "input_ids_2") if k in micro}
-            text_lora = {c: lora_layers(lora_c, scales, c) for c in TEXT_ENCODERS}
+            text_lora = {c: lora_layers(lora_c, adapter_configs, c) for c in TEXT_ENCODERS}
             context, pooled = pipe.encode_prompt(base, ids, text_lora)
             if not train_te:
                 context, pooled = jax.lax.stop_gradient((context, pooled))
@@ -353,10 +366,9 @@ def make_train_step(
         if pipe.is_sdxl:
             # Size ids stay float32 (diffusers casts them to the weight dtype, where bf16 rounds e.g. 1023 to 1024).
             added = {"text_embeds": pooled.astype(compute_dtype), "time_ids": micro["time_ids"].astype(jnp.float32)}
-        pred = pipe.predict_noise(
-            base, noisy.astype(compute_dtype), t, context.astype(compute_dtype), lora_layers(lora_c, scales, "unet"), added
-        )
-        return diffusion_loss(pred, target, t, schedule, snr_gamma)
+        unet_lora = lora_layers(lora_c, adapter_configs, "unet")
+        pred = pipe.predict_noise(base, noisy.astype(compute_dtype), t, context.astype(compute_dtype), unet_lora, added)
+        return diffusion_loss(pred, target, t, schedule, snr_gamma, micro.get("prior"), prior_loss_weight)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
@@ -458,15 +470,18 @@ def _local_map(fn: Callable, inputs, batch: int, extra=()):
 
 
 def cache_latents(
-    pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32, buckets=None
+) -> tuple[np.ndarray | list, np.ndarray, np.ndarray]:
     """Encode every readable image once: (moments (n, flips, 2, C, h, w), SDXL size ids (n, flips, 6), valid indices).
 
-    Bad images are dropped."""
-    from flax_lora.data import SKIP_HINT, BadImageError, crop_image, mirrored_size_ids
+    Bad images are dropped. With `buckets` (flax_lora.buckets.Buckets) each image is cropped to its bucket, and the
+    moments are a list with one (flips, 2, C, h, w) array per example in its bucket's shape (None: dropped)."""
+    from flax_lora.data import SKIP_HINT, BadImageError, crop_image, crop_to_bucket, mirrored_size_ids
 
     images, size_ids, valid = [], [], []
     for i in range(len(data)):
+        if buckets is not None and buckets.of[i] < 0:  # its header could not be read: skipped (and logged) already
+            continue
         try:
             img = data.load_image(i)
         except BadImageError as e:
@@ -476,30 +491,61 @@ def cache_latents(
             continue
         # The crop is drawn once per image here: a cached run cannot re-crop every epoch.
         rng = np.random.default_rng([config.seed or 0, 2, i])
-        pixels, ids = crop_image(img, config.resolution, config.center_crop, False, rng, config.image_interpolation_mode)
+        interpolation, resized_w = config.image_interpolation_mode, None
+        if buckets is None:
+            pixels, ids = crop_image(img, config.resolution, config.center_crop, False, rng, interpolation)
+        else:
+            bucket, resized = buckets.size_of(i), buckets.resized_of(i)
+            pixels, ids = crop_to_bucket(img, bucket, resized, config.center_crop, False, rng, interpolation)
+            resized_w = resized[0]
         images.append(pixels)
-        size_ids.append([ids, mirrored_size_ids(ids)] if config.random_flip else [ids])
+        size_ids.append([ids, mirrored_size_ids(ids, resized_w)] if config.random_flip else [ids])
         valid.append(i)
     if not valid:
         raise UserError(f"no readable training images in {data.source}")
-    pixels = np.stack(images)
-    if config.random_flip:
-        pixels = np.concatenate([pixels, pixels[..., ::-1]])
 
     def encode(vae_params, x):
         dist = pipe.encode_images({"vae": vae_params}, x.astype(dtype))
         return jnp.stack([dist.mean, dist.std], axis=1).astype(jnp.float32)  # (N, 2, C, h, w)
 
-    moments = _local_map(encode, pixels, batch, _cast(pipe.params["vae"], dtype))
     flips = 2 if config.random_flip else 1
-    n = len(valid)
-    moments = moments.reshape(flips, n, *moments.shape[1:]).transpose(1, 0, *range(2, moments.ndim + 1))
-    # Index by example id; rows of bad images stay zero and are never sampled (not in `valid`).
-    table = np.zeros((len(data),) + moments.shape[1:], np.float32)
-    table[valid] = moments
+    vae = _cast(pipe.params["vae"], dtype)
+    groups: dict[tuple, list[int]] = {}  # one encoder compile per image shape: a single one without buckets
+    for k, pixels in enumerate(images):
+        groups.setdefault(pixels.shape, []).append(k)
+    per_example = [None] * len(valid)
+    for members in groups.values():
+        pixels = np.stack([images[k] for k in members])
+        if config.random_flip:
+            pixels = np.concatenate([pixels, pixels[..., ::-1]])
+        moments = _local_map(encode, pixels, batch, vae)
+        moments = moments.reshape(flips, len(members), *moments.shape[1:])
+        for j, k in enumerate(members):
+            per_example[k] = moments[:, j]
     ids_table = np.zeros((len(data), flips, 6), np.float32)
     ids_table[valid] = np.asarray(size_ids, np.float32)
+    if buckets is not None:
+        table = [None] * len(data)
+        for k, i in enumerate(valid):
+            table[i] = per_example[k]
+        return table, ids_table, np.asarray(valid)
+    # Index by example id; rows of bad images stay zero and are never sampled (not in `valid`).
+    table = np.zeros((len(data),) + per_example[0].shape, np.float32)
+    table[valid] = np.stack(per_example)
     return table, ids_table, np.asarray(valid)
+
+
+def example_caches(pipe, data, config: TrainConfig, batch: int, dtype=jnp.float32) -> dict:
+    """BatchLoader arguments giving another image set (DreamBooth's class images) the run's caches: `latent_cache`,
+    `time_ids_cache` and the readable examples (`valid`) with --cache_latents, `text_cache` with text caching."""
+    caches = {}
+    if config.cache_latents:
+        logger.info("caching VAE latents of %d images of %s...", len(data), data.source)
+        latents, time_ids, valid = cache_latents(pipe, data, config, batch, dtype)
+        caches.update(latent_cache=latents, time_ids_cache=time_ids, valid=valid)
+    if config.cache_text_embeddings:
+        caches["text_cache"] = cache_text(pipe, data, batch, dtype)
+    return caches
 
 
 def cache_text(pipe, data, batch: int, dtype=jnp.float32) -> dict[str, np.ndarray]:
@@ -538,7 +584,7 @@ def validation_loss(run: Run, state: TrainState) -> float:
     """Mean loss of the held-out examples with the exported weights; the same noise and timesteps every time."""
     loader, key = run.val_loader, jax.random.PRNGKey(run.seed + 3)
     params = exported_weights(state)
-    batches = math.ceil(loader.num_examples / run.global_batch)  # the last one wraps around to the first examples
+    batches = loader.steps_per_epoch  # the last one wraps around to the first examples (of its bucket)
     losses = []
     for i in range(batches):
         batch = put_batch(loader.batch(i), run.mesh, run.global_batch, run.rows)
@@ -723,7 +769,7 @@ def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
     from flax_lora.data import build_tiny_dataset
     from flax_lora.tiny import build_tiny_pipeline
 
-    builtin_data = config.dataset_name is None and config.train_data_dir is None
+    builtin_data = config.dataset_name is None and config.train_data_dir is None and config.instance_data_dir is None
     # Process 0 builds the shared files; the others wait, so no two writers race on one cache folder.
     run_number = 0
     if jax.process_index() == 0:
@@ -859,9 +905,9 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
 
     `cpu_split`: the CPU devices `init_devices` chose itself; on a CPU host --train_batch_size is then the whole batch.
     """
-    from flax_lora.data import BatchLoader, load_training_data
+    from flax_lora.data import BatchLoader, load_training_data, training_buckets
     from flax_lora.loading import COMPUTE_DTYPES, load_pipeline
-    from flax_lora.lora import TEXT_ENCODER_TARGETS, LoraConfig, UNET_TARGETS, new_adapter
+    from flax_lora.lora import TEXT_ENCODER_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, LoraConfig, new_adapter
 
     is_main = jax.process_index() == 0
     seed = 0 if config.seed is None else config.seed
@@ -886,6 +932,7 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     mesh = make_mesh(fsdp=config.fsdp)  # a --fsdp that does not divide the devices fails before any loading
     check_attention_platform(config.unet_attention)
     data = load_training_data(config)  # before the model: a data mistake is reported in a second, not after the load
+    buckets = training_buckets(data, config) if config.enable_bucket else None
 
     compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
     if config.mixed_precision == "fp16":
@@ -914,17 +961,20 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     local_batch = global_batch // jax.device_count() * jax.local_device_count()  # this process's rows of a batch
     if config.cache_latents:
         logger.info("caching VAE latents of %d images (the first batch compiles the encoder)...", len(data))
-        latent_cache, time_ids_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype)
+        latent_cache, time_ids_cache, valid = cache_latents(pipe, data, config, local_batch, compute_dtype, buckets)
     empty_text = None
     if config.cache_text_embeddings:
         logger.info("caching text embeddings of %d captions...", len(data))
         text_cache = cache_text(pipe, data, local_batch, compute_dtype)
         if config.caption_dropout_rate > 0:  # what a dropped caption trains on
             empty_text = {k: v[0] for k, v in encode_captions(pipe, [""], local_batch, compute_dtype).items()}
+    if valid is None and buckets is not None:  # an image whose header cannot be read has no bucket
+        valid = np.flatnonzero(buckets.of >= 0)
     valid, held_out = split_examples(np.arange(len(data)) if valid is None else valid, config.validation_split, seed)
     common = dict(
         center_crop=config.center_crop, random_flip=config.random_flip, skip_bad_images=config.skip_bad_images,
         interpolation=config.image_interpolation_mode, latent_cache=latent_cache, text_cache=text_cache, tokenizer_2=pipe.tokenizer_2, time_ids_cache=time_ids_cache,
+        buckets=buckets,
     )
     loader = BatchLoader(
         data, pipe.tokenizer, config.resolution, global_batch, rows, accum=accum, seed=seed, valid=valid,
@@ -937,16 +987,31 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
         val_loader = BatchLoader(
             data, pipe.tokenizer, config.resolution, global_batch, rows, seed=seed, valid=held_out, **common
         )
-    per_step = global_batch * accum
-    steps_per_epoch = math.ceil(loader.num_examples / per_step)
-    total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    learning_rate = config.learning_rate * (accum * global_batch if config.scale_lr else 1)
+    if config.with_prior_preservation:  # diffusers' DreamBooth batch: the instance examples, then as many class ones
+        from flax_lora.dreambooth import add_class_examples, prepare_class_images
 
-    lora_configs = {"unet": LoraConfig(config.rank, config.lora_alpha, UNET_TARGETS)}
+        class_data = prepare_class_images(config, pipe, mesh, cpu_split)  # samples the missing ones first
+        global_batch, rows = 2 * global_batch, process_rows(mesh, 2 * global_batch)
+        class_caches = example_caches(pipe, class_data, config, local_batch, compute_dtype)
+        loader, val_loader = add_class_examples(loader, val_loader, class_data, rows, class_caches)
+    per_step = global_batch * accum
+    if buckets is not None:
+        logger.info("%s", buckets.summary(loader.valid))
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    instance_batch = global_batch // 2 if config.with_prior_preservation else global_batch  # as diffusers' --scale_lr
+    learning_rate = config.learning_rate * (accum * instance_batch if config.scale_lr else 1)
+
+    unet_targets = UNET_TARGETS + (UNET_CONV_TARGETS if config.conv_rank is not None else ())
+    unet_config = LoraConfig(config.rank, config.lora_alpha, unet_targets, conv_rank=config.conv_rank,
+                             conv_alpha=config.conv_alpha, use_dora=config.use_dora)  # fmt: skip
+    lora_configs = {"unet": unet_config}
     if config.train_text_encoder:  # both of SDXL's encoders, as diffusers' SDXL script
         for component in TEXT_ENCODERS:
             if component in pipe.params:
-                lora_configs[component] = LoraConfig(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS)
+                lora_configs[component] = LoraConfig(
+                    config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS, use_dora=config.use_dora
+                )
     adapter = new_adapter(
         jax.random.PRNGKey(seed + 1), pipe.params, lora_configs["unet"], lora_configs.get("text_encoder"),
         base_model=pipe.name, text_encoder_2_config=lora_configs.get("text_encoder_2"),
@@ -956,7 +1021,7 @@ def setup(config: TrainConfig, cpu_split: int = 0) -> tuple[Run, TrainState]:
     state = create_train_state(lora_params, optimizer, seed, mesh)
     train_step = make_train_step(
         pipe, lora_configs, optimizer, schedule, mesh, snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
-        compute_dtype=compute_dtype, lr_fn=lr_fn,
+        compute_dtype=compute_dtype, lr_fn=lr_fn, prior_loss_weight=config.prior_loss_weight,
     )
 
     validation = None
@@ -1000,13 +1065,18 @@ def restore(run: Run, state: TrainState) -> tuple[TrainState, list[tuple[int, fl
     except ValueError as e:  # orbax: the stored tree or a shape differs from this run's LoRA state
         raise UserError(
             f"checkpoint {os.path.join(checkpointer.directory, str(step))} does not fit this run: it was written with "
-            "other LoRA or optimizer settings (--rank, --train_text_encoder, --optimizer, --use_ema); resume with the "
-            f"flags of the run that wrote it ({str(e).splitlines()[0][:200]})"
+            "other LoRA or optimizer settings (--rank, --conv_rank, --use_dora, --train_text_encoder, --optimizer, "
+            f"--use_ema); resume with the flags of the run that wrote it ({str(e).splitlines()[0][:200]})"
         ) from e
     if meta.get("samples_per_step") != run.per_step or meta.get("seed") != run.seed:
         logger.warning(
             "checkpoint was written with %s samples/step and seed %s; this run has %d and %d, so the data order "
             "differs from an uninterrupted run", meta.get("samples_per_step"), meta.get("seed"), run.per_step, run.seed,
+        )
+    if meta.get("buckets") != bucket_summary(run):
+        logger.warning(
+            "checkpoint was written with other aspect-ratio buckets (%s; this run: %s), so the data order differs from "
+            "an uninterrupted run", meta.get("buckets") or "none", bucket_summary(run) or "none",
         )
     logger.info("resumed from %s at step %d", os.path.join(checkpointer.directory, str(step)), step)
     run.val_history[:] = [tuple(h) for h in meta.get("val_loss_history", [])]
@@ -1019,9 +1089,16 @@ def save_checkpoint(run: Run, state: TrainState, history: list[tuple[int, float]
     meta = {
         "samples_per_step": run.per_step, "seed": run.seed, "num_examples": run.loader.num_examples, "step": step,
         "data_position": step * run.per_step, "bad_images": len(run.loader.bad_images), "loss_history": history,
-        "val_loss_history": run.val_history,
+        "val_loss_history": run.val_history, "buckets": bucket_summary(run),
     }
     return run.checkpointer.save(state, meta)
+
+
+def bucket_summary(run: Run) -> str | None:
+    """The aspect-ratio buckets of the training examples in one line (None without --enable_bucket): a resumed run
+    with other buckets reads its steps in another order."""
+    buckets = getattr(run.loader, "buckets", None)
+    return None if buckets is None else buckets.summary(run.loader.valid)
 
 
 def validate(run: Run, state: TrainState, step: int, final: bool = False) -> list[str]:
@@ -1109,6 +1186,8 @@ def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) ->
                     with metrics_buffer.paused():
                         validate(run, state, done)
             metrics_buffer.flush()
+            # A new batch shape (an aspect-ratio bucket) compiles the step again; nothing else should.
+            logger.info("the train step compiled for %d batch shape(s)", run.train_step.compiled_count())
         finally:
             bar.close()
             loader.close()
@@ -1162,13 +1241,17 @@ def write_card(run: Run, final_step: int, adapter_paths: list[str], samples: lis
     elif config.dataset_name:
         dataset = f"the dataset `{config.dataset_name}`"
     else:
-        dataset = f"the images of `{config.train_data_dir}`"
+        dataset = f"the images of `{config.train_data_dir or config.instance_data_dir}`"
     title = repo_name(config.hub_model_id, run.output_dir) if config.push_to_hub else os.path.basename(run.output_dir)
     info = CardInfo(
         title=title, base_model=run.pipe.name, dataset=dataset, steps=final_step, rank=unet_config.rank,
         alpha=unet_config.alpha if unet_config.alpha is not None else unet_config.rank,
         learning_rate=run.learning_rate, resolution=config.resolution, validation_prompt=config.validation_prompt,
-        sdxl=run.pipe.text_encoder_2 is not None,
+        sdxl=run.pipe.text_encoder_2 is not None, instance_prompt=config.instance_prompt,
+        class_prompt=config.class_prompt if config.with_prior_preservation else None,
+        train_text_encoder=config.train_text_encoder, conv_rank=unet_config.conv_rank,
+        conv_alpha=unet_config.conv_lora_alpha if unet_config.conv_rank is not None else None,
+        use_dora=unet_config.use_dora,
     )
     return write_model_card(run.output_dir, info, adapter_paths, samples)
 
@@ -1226,7 +1309,7 @@ def main(config: TrainConfig) -> dict:
         run.checkpointer.close()
         result = {"output_dir": run.output_dir, "step": final_step, "loss_history": history,
                   "preempted": preempted, "bad_images": len(run.loader.bad_images),
-                  "val_loss_history": run.val_history}  # fmt: skip
+                  "val_loss_history": run.val_history, "step_shapes": run.train_step.compiled_count()}  # fmt: skip
         if not preempted:
             result.update(write_outputs(run, state, history))
     finally:

@@ -16,6 +16,7 @@ import yaml
 
 from flax_lora import hub
 from flax_lora import train as T
+from flax_lora.cli import build_parser
 from flax_lora.config import PYTORCH_ONLY_FLAGS, TrainConfig, parse_args
 from flax_lora.data import build_tiny_dataset
 from flax_lora.errors import UserError
@@ -23,7 +24,7 @@ from flax_lora.model_card import TAGS, CardInfo, write_model_card
 from tests.test_train import _config
 
 # The flags of diffusers' examples/text_to_image/train_text_to_image_lora.py (main, 2026), its SDXL script's extras,
-# and those of train_dreambooth_lora.py that do not need class or instance images.
+# and every flag of examples/dreambooth/train_dreambooth_lora.py's argparse (the last two groups together).
 DIFFUSERS_FLAGS = (
     "adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 cache_dir caption_column center_crop "
     "checkpointing_steps checkpoints_total_limit dataloader_num_workers dataset_config_name dataset_name "
@@ -37,6 +38,9 @@ DIFFUSERS_FLAGS = (
     " debug_loss enable_npu_flash_attention pretrained_vae_model_name_or_path train_text_encoder"
     # train_dreambooth_lora.py
     " lr_num_cycles lr_power prior_generation_precision pre_compute_text_embeddings"
+    " class_data_dir class_labels_conditioning class_prompt instance_data_dir instance_prompt lora_dropout"
+    " num_class_images prior_loss_weight sample_batch_size text_encoder_use_attention_mask tokenizer_max_length"
+    " tokenizer_name validation_images with_prior_preservation"
 ).split()
 
 
@@ -57,6 +61,30 @@ def test_every_diffusers_flag_parses_and_each_pytorch_only_one_gets_a_note():
     assert "hub_token" not in config.public_dict()
     assert TrainConfig().ignored_flag_notes() == []  # nothing given, nothing logged
     assert set(PYTORCH_ONLY_FLAGS) <= set(DIFFUSERS_FLAGS)
+
+
+def test_diffusers_dreambooth_command_parses_and_flags_we_cannot_honour_are_one_line_errors(tmp_path):
+    # diffusers' README command for train_dreambooth_lora.py, with prior preservation
+    argv = [
+        "--pretrained_model_name_or_path=owner/model", "--instance_data_dir=dog", "--output_dir=out",
+        "--instance_prompt=a photo of sks dog", "--resolution=512", "--train_batch_size=1",
+        "--gradient_accumulation_steps=1", "--checkpointing_steps=100", "--learning_rate=1e-4", "--report_to=wandb",
+        "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=500",
+        "--validation_prompt=A photo of sks dog in a bucket", "--validation_epochs=50", "--seed=0", "--push_to_hub",
+        "--with_prior_preservation", "--class_data_dir=dogs", "--class_prompt=a photo of dog",
+        "--prior_loss_weight=1.0", "--num_class_images=200", "--sample_batch_size=2",
+        "--prior_generation_precision=bf16", "--lora_dropout=0.0", "--image_interpolation_mode=lanczos",
+    ]  # fmt: skip
+    config = parse_args(argv)
+    assert (config.instance_prompt, config.num_class_images, config.sample_batch_size) == ("a photo of sks dog", 200, 2)
+    note = PYTORCH_ONLY_FLAGS["prior_generation_precision"]
+    assert config.ignored_flag_notes() == [f"--prior_generation_precision: {note}"]
+    for extra in (["--tokenizer_name=x"], ["--tokenizer_max_length=77"], ["--text_encoder_use_attention_mask"],
+                  ["--validation_images", "a.png", "b.png"], ["--class_labels_conditioning=timesteps"],
+                  ["--lora_dropout=0.1"]):  # fmt: skip
+        name = extra[0].split("=")[0]
+        with pytest.raises(ValueError, match=f"^{name} is not supported: .*; drop the flag$"):
+            TrainConfig(**vars(build_parser(TrainConfig, "").parse_args(argv + extra)))
 
 
 def test_report_to_wandb_without_wandb_fails_before_anything_loads(monkeypatch, tmp_path):
@@ -91,6 +119,10 @@ def test_model_card_front_matter_and_links(tmp_path):
     assert "hf download me/lora --local-dir lora" in card
     _assert_links_exist(card, tmp_path, at_least=4)  # the grid and the three samples
     assert Image.open(tmp_path / "validation_grid.png").size == (24, 8)
+    assert "LoCon" not in card and "DoRA" not in card
+    locon_dora = CardInfo(**{**info.__dict__, "conv_rank": 8, "conv_alpha": 4.0, "use_dora": True})
+    card = open(write_model_card(str(tmp_path), locon_dora, adapters, images)).read()
+    assert "rank 4, alpha 4, LoRA on the 3x3 convs too (LoCon: conv rank 8, conv alpha 4), DoRA" in card
 
 
 def test_push_to_hub_uploads_the_folder_without_checkpoints(tmp_path, monkeypatch):

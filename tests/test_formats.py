@@ -363,10 +363,6 @@ def _refused_files(tmp_path: Path, tiny_sd1_path: str, case: str) -> Path:
     from peft import LoraConfig as PeftLoraConfig
 
     lora = dict(r=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
-    if case == "dora":
-        return _model_file(tmp_path, tiny_sd1_path, PeftLoraConfig(**lora, use_dora=True))
-    if case == "dora_keys":
-        return _without_header(_model_file(tmp_path, tiny_sd1_path, PeftLoraConfig(**lora, use_dora=True)))
     if case == "lora_bias":
         return _model_file(tmp_path, tiny_sd1_path, PeftLoraConfig(**lora, lora_bias=True))
     if case == "loha":
@@ -384,8 +380,8 @@ def _refused_files(tmp_path: Path, tiny_sd1_path: str, case: str) -> Path:
     if case == "rank_mismatch":
         return _edited_config(_peft_folder(tmp_path, tiny_sd1_path, PeftLoraConfig(**lora)), r=8)
     name = "lora_unet_down_blocks_0_resnets_0_conv1"
-    if case == "locon":  # kohya LoCon: LoRA on a 3x3 conv of a ResNet block
-        tensors = {f"{name}.lora_down.weight": np.zeros((4, 32, 3, 3), np.float32), f"{name}.lora_up.weight": np.zeros((32, 4, 1, 1), np.float32)}
+    if case == "locon":  # a conv LoRA whose down is not the base 3x3 conv's window (tests/test_locon.py: the rest)
+        tensors = {f"{name}.lora_down.weight": np.zeros((4, 32, 1, 1), np.float32), f"{name}.lora_up.weight": np.zeros((32, 4, 1, 1), np.float32)}
     else:  # LyCORIS DoRA: kohya keys plus a dora_scale
         tensors = {f"{name}.lora_down.weight": np.zeros((4, 32 * 9), np.float32), f"{name}.dora_scale": np.ones((1, 32 * 9), np.float32)}
     save_file(tensors, str(tmp_path / "lycoris.safetensors"))
@@ -395,9 +391,7 @@ def _refused_files(tmp_path: Path, tiny_sd1_path: str, case: str) -> Path:
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("dora", r"use_dora is true \(a DoRA adapter\)"),
-        ("dora_keys", r"lora_magnitude_vector.* is DoRA"),
-        ("lycoris_dora", r"dora_scale' is DoRA"),
+        ("lycoris_dora", r"dora_scale' is kohya/LyCORIS DoRA"),  # PEFT's DoRA loads: tests/test_dora.py
         ("lora_bias", r"lora_bias=True is a PEFT setting flax-lora does not implement"),
         ("loha", r"adapter_config.json: peft_type is LOHA"),
         ("lokr_keys", r"lokr_w1.* is LoKr"),
@@ -405,7 +399,7 @@ def _refused_files(tmp_path: Path, tiny_sd1_path: str, case: str) -> Path:
         ("unknown_setting", r"alora_invocation_tokens=\[5, 6\] is a PEFT setting flax-lora does not implement"),
         ("bias_all", r"bias='all' trains the base biases too"),
         ("rank_mismatch", r"adapter_config.json gives module '.*' rank 8, but its weights have rank 4"),
-        ("locon", r"conv1 down is a 3x3 conv LoRA \(kohya LoCon\)"),
+        ("locon", r"conv1 down is a 1x1 conv LoRA weight .* must be a 3x3 conv"),
     ],
 )
 def test_adapters_we_cannot_apply_exactly_are_refused_by_file_and_field(case, message, tiny_sd1_path, sd1, tmp_path):

@@ -8,6 +8,9 @@ Design:
   for a module, it adds `((x @ down) * scale) @ up` (a conv keeps the base conv's geometry on `down`). The
   base weights stay a separate, frozen collection, so only the LoRA tree is differentiated and several
   adapters are one collection concatenated along the rank axis (`scale` is per rank column).
+- DoRA (PEFT's `use_dora`): an entry with a `magnitude` (one per output feature) rescales the layer to
+  `m / ||W + scale * down @ up|| * (W x + branch) + bias`, the norm per output feature and detached from the
+  gradient as PEFT does; such an entry is one adapter's alone (flax_lora.lora refuses to concatenate it).
 - Norms and softmax compute in float32 whatever the compute dtype, as PyTorch's mixed precision does.
 """
 
@@ -52,6 +55,33 @@ def _lora_branch(module: nn.Module, x: jax.Array, down_fn: Callable[[jax.Array, 
     return hidden @ up.reshape(-1, up.shape[-1]).astype(x.dtype)
 
 
+def dora_weight_norm(kernel: jax.Array, down: jax.Array, up: jax.Array, scale: jax.Array | float) -> jax.Array:
+    """||W + scale * down @ up|| per output feature (PEFT's DoRA weight norm), in float32; `scale` per rank column."""
+    features = kernel.shape[-1]
+    # Flax kernels keep the output last (Dense (in, out), conv HWIO): the norm runs over everything else.
+    delta = (down.astype(jnp.float32).reshape(-1, down.shape[-1]) * scale) @ up.astype(jnp.float32).reshape(-1, features)
+    weight = kernel.astype(jnp.float32).reshape(-1, features) + delta
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=0))
+
+
+def _with_lora(
+    module: nn.Module, x: jax.Array, base: jax.Array, out: jax.Array, kernel: jax.Array,
+    down_fn: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """`out` (the bias-free `base` plus bias) with this module's LoRA entry: plus the branch, or DoRA's rescaling."""
+    delta = _lora_branch(module, x, down_fn)
+    if delta is None:
+        return out
+    if not module.has_variable(LORA, "magnitude"):
+        return out + delta
+    scale = module.get_variable(LORA, "scale").astype(jnp.float32)
+    norm = dora_weight_norm(kernel, module.get_variable(LORA, "down"), module.get_variable(LORA, "up"), scale)
+    # PEFT detaches the norm (DoRA paper, section 4.3): the gradient reaches the magnitude and the LoRA branch only.
+    factor = (module.get_variable(LORA, "magnitude").astype(jnp.float32) / jax.lax.stop_gradient(norm)).astype(out.dtype)
+    # PEFT's form: the bias stays outside the rescaling, m / ||W + dW|| * (W x + dW x) + b.
+    return out + (factor - 1) * base + factor * delta
+
+
 class Linear(nn.Module):
     """PyTorch's nn.Linear as a Flax Dense (kernel (in, out)), plus its LoRA branch when one is given."""
 
@@ -63,11 +93,10 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", _init, (x.shape[-1], self.features))
         x = x.astype(self.dtype)
-        y = x @ kernel.astype(self.dtype)
+        y = base = x @ kernel.astype(self.dtype)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        delta = _lora_branch(self, x, lambda h, down: h @ down)
-        return y if delta is None else y + delta
+        return _with_lora(self, x, base, y, kernel, lambda h, down: h @ down)
 
 
 class Conv2d(nn.Module):
@@ -93,11 +122,10 @@ class Conv2d(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", _init, (k, k, x.shape[-1], self.features))
         x = x.astype(self.dtype)
-        y = self._conv(x, kernel.astype(self.dtype))
+        y = base = self._conv(x, kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        delta = _lora_branch(self, x, self._conv)
-        return y if delta is None else y + delta
+        return _with_lora(self, x, base, y, kernel, self._conv)
 
 
 class GroupNorm(nn.Module):

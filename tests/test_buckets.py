@@ -290,9 +290,8 @@ def test_bucketed_run_compiles_once_per_bucket_and_resumes_exactly(tiny_sd1_path
     import logging
     import shutil
 
-    from safetensors.numpy import load_file
-
     from flax_lora import train as T
+    from tests.test_train import assert_same_adapter
 
     kw = dict(max_train_steps=5, checkpointing_steps=3, random_flip=True, snr_gamma=5.0)
     with caplog.at_level(logging.INFO, logger="flax_lora"):
@@ -309,9 +308,5 @@ def test_bucketed_run_compiles_once_per_bucket_and_resumes_exactly(tiny_sd1_path
         resumed = T.main(_config(tiny_sd1_path, aspect_dir, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     assert resumed["step"] == 5 and resumed["step_shapes"] == 2  # steps 3 and 4: two buckets of the second epoch
     assert "resumed from" in caplog.text and "other aspect-ratio buckets" not in caplog.text  # the checkpoint's own
-    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
     np.testing.assert_array_equal([l for _, l in straight["loss_history"]], [l for _, l in resumed["loss_history"]])

@@ -137,6 +137,17 @@ def test_sharded_step_trains_lora_only_and_compiles_once(pipe, two_images):
 # ------------------------------------------------------------------------------- end-to-end runs
 
 
+def assert_same_adapter(folder_a, folder_b) -> None:
+    """The diffusers adapter files of two runs hold the same keys and bit-identical weights."""
+    from safetensors.numpy import load_file
+
+    a = load_file(str(Path(folder_a) / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(Path(folder_b) / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def _config(tiny_path, data_dir, out_dir, **kw) -> TrainConfig:
     base = dict(
         pretrained_model_name_or_path=tiny_path,
@@ -259,8 +270,6 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
 
 
 def test_preempt_and_resume_equals_straight_run(tiny_sd1_path, two_images, tmp_path, monkeypatch):
-    from safetensors.numpy import load_file
-
     kw = dict(max_train_steps=10, checkpointing_steps=100, snr_gamma=5.0, noise_offset=0.05, random_flip=True,
               gradient_accumulation_steps=2)
     straight = T.main(_config(tiny_sd1_path, two_images, tmp_path / "straight", **kw))
@@ -284,11 +293,7 @@ def test_preempt_and_resume_equals_straight_run(tiny_sd1_path, two_images, tmp_p
 
     second = T.main(_config(tiny_sd1_path, two_images, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     assert second["step"] == 10
-    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
     np.testing.assert_array_equal([l for _, l in straight["loss_history"]], [l for _, l in second["loss_history"]])
 
 

@@ -19,17 +19,6 @@ from flax_lora.data import BatchLoader, build_tiny_dataset, load_image_folder, p
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Share compiled programs between the several short runs of this module (each run re-jits its step)."""
-    old = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_sd1_path):
     from flax_lora.loading import load_pipeline
@@ -270,29 +259,29 @@ def test_training_lowers_loss_and_the_adapter_works_in_pytorch(tiny_sd1_path, tw
 
 
 def test_preempt_and_resume_equals_straight_run(tiny_sd1_path, two_images, tmp_path, monkeypatch):
-    kw = dict(max_train_steps=10, checkpointing_steps=100, snr_gamma=5.0, noise_offset=0.05, random_flip=True,
+    kw = dict(max_train_steps=6, checkpointing_steps=100, snr_gamma=5.0, noise_offset=0.05, random_flip=True,
               gradient_accumulation_steps=2)
     straight = T.main(_config(tiny_sd1_path, two_images, tmp_path / "straight", **kw))
-    assert straight["step"] == 10
+    assert straight["step"] == 6
 
-    # SIGTERM arrives while step 5 is loaded: the run saves step 5 and returns without an adapter.
+    # SIGTERM arrives while step 3 is loaded: the run saves step 3 and returns without an adapter.
     original = BatchLoader.batch
 
     def batch_then_sigterm(self, step):
-        if step == 4:
+        if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, step)
 
     monkeypatch.setattr(BatchLoader, "batch", batch_then_sigterm)
     first = T.main(_config(tiny_sd1_path, two_images, tmp_path / "resumed", **kw))
     monkeypatch.setattr(BatchLoader, "batch", original)
-    assert first["preempted"] and first["step"] == 5
+    assert first["preempted"] and first["step"] == 3
     assert not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()
-    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "5" / "meta" / "metadata").read_text())
-    assert meta["step"] == 5 and meta["data_position"] == 5 * 16
+    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "3" / "meta" / "metadata").read_text())
+    assert meta["step"] == 3 and meta["data_position"] == 3 * 16
 
     second = T.main(_config(tiny_sd1_path, two_images, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
-    assert second["step"] == 10
+    assert second["step"] == 6
     assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
     np.testing.assert_array_equal([l for _, l in straight["loss_history"]], [l for _, l in second["loss_history"]])
 

@@ -10,7 +10,7 @@ from flax_lora import train as T
 from flax_lora.config import TrainConfig
 from flax_lora.data import BatchLoader, build_tiny_dataset, load_image_folder
 from flax_lora.errors import UserError
-from tests.test_train import _config, assert_same_adapter, compilation_cache  # noqa: F401  (a module fixture: share compiled programs)
+from tests.test_train import _config, assert_same_adapter
 
 
 @pytest.fixture(scope="module")

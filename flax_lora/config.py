@@ -72,8 +72,8 @@ _ATTENTION_HELP = (
     "attention (the reference); chunked: ours, no score matrix kept; cudnn / pallas: that kernel or an error."
 )
 
-DEFAULT_TINY_MODEL = os.path.join("~", ".cache", "flax_lora", "tiny-sd1")
-DEFAULT_TINY_DATA = os.path.join("~", ".cache", "flax_lora", "tiny-shapes")
+DEFAULT_DEMO_MODEL = os.path.join("~", ".cache", "flax_lora", "demo-sd1")
+DEFAULT_DEMO_DATA = os.path.join("~", ".cache", "flax_lora", "demo-blue-shapes")
 DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "flax_lora", "jax-compilation-cache")
 _CACHE_HELP = (
     "JAX's persistent compilation cache: a rerun with the same settings loads the compiled steps instead of "
@@ -82,17 +82,18 @@ _CACHE_HELP = (
 # The built-in default run (no --pretrained_model_name_or_path): small settings for the tiny pipeline. They
 # replace the flag defaults only, so any flag the user gives still wins.
 BUILTIN_RUN_DEFAULTS = dict(
-    resolution=64,
+    resolution=32,
     train_batch_size=4,
     max_train_steps=300,
     learning_rate=1e-3,
     lr_warmup_steps=0,
     rank=8,
     checkpointing_steps=100,
-    validation_prompt="a red circle on a white background",
+    validation_prompt="a blue circle",
     num_validation_images=2,
-    validation_epochs=20,
-    num_inference_steps=20,
+    validation_epochs=10,
+    num_inference_steps=25,
+    guidance_scale=5.0,
     output_dir="tiny-lora-output",
     center_crop=True,
 )
@@ -109,8 +110,9 @@ class TrainConfig:
     # Model
     pretrained_model_name_or_path: str | None = _f(
         None,
-        "Hub id or local folder of a Stable Diffusion pipeline (diffusers layout). Without it, a tiny "
-        f"pipeline is built in {DEFAULT_TINY_MODEL} and trained on a built-in shapes dataset.",
+        "Hub id or local folder of a Stable Diffusion pipeline (diffusers layout). Without it, the demo: a tiny "
+        f"pipeline that draws red, green and yellow shapes is trained once in {DEFAULT_DEMO_MODEL}, and a LoRA "
+        "teaches it blue.",
     )
     revision: str | None = _f(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
     variant: str | None = _f(None, "Variant of the model files, e.g. 'fp16'.")

@@ -65,7 +65,7 @@ def _byte_alphabet() -> list[str]:
     return [shifted[b] for b in range(256)]
 
 
-def write_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> None:
+def write_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>", max_length: int = TOKENIZER_MAX_LENGTH) -> None:
     """Write a byte-level CLIP tokenizer with no merges (one token per character), as transformers reads it."""
     chars = _byte_alphabet()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -75,7 +75,7 @@ def write_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> None:
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "pad_token": pad_token}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials))
-    config = {**specials, "model_max_length": TOKENIZER_MAX_LENGTH, "tokenizer_class": "CLIPTokenizer",
+    config = {**specials, "model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
               "do_lower_case": True, "clean_up_tokenization_spaces": False}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
 
@@ -186,6 +186,26 @@ def _save_weights(params: dict, file: Path, strip_prefix: str = "") -> None:
     save_file(state, str(file), metadata={"format": "pt"})
 
 
+def model_index(kind: str, scheduler_class: str) -> dict:
+    """model_index.json of a diffusers SD 1.x/2.x (`sd1`, `sd2`) or SDXL (`sdxl`) pipeline folder."""
+    sdxl = kind == "sdxl"
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_class],
+    }
+    if sdxl:
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)  # fmt: skip
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    return index
+
+
 def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int = 0) -> str:
     """Build and save a tiny randomly initialised diffusers-layout pipeline (64 px, 8x8 latents) with our own models.
 
@@ -227,20 +247,7 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
         scheduler = {"_class_name": "EulerDiscreteScheduler", **schedule, "timestep_spacing": "leading"}
     else:
         scheduler = {"_class_name": "PNDMScheduler", **SD_SCHEDULE, "skip_prk_steps": True}
-    index = {
-        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-    }
-    if sdxl:
-        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)  # fmt: skip
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index = model_index(kind, scheduler["_class_name"])
     with atomic_directory(out, "model_index.json") as tmp:
         write_tokenizer(tmp / "tokenizer")
         if sdxl:

@@ -46,9 +46,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_lora.attention import check_platform as check_attention_platform
 from flax_lora.compile_cache import enable_compilation_cache
-from flax_lora.config import BUILTIN_RUN_DEFAULTS, DEFAULT_TINY_DATA, DEFAULT_TINY_MODEL, TrainConfig
+from flax_lora.config import BUILTIN_RUN_DEFAULTS, DEFAULT_DEMO_DATA, DEFAULT_DEMO_MODEL, TrainConfig
 from flax_lora.devices import global_batch_size, init_devices, log_cpu_split, usable_cores
 from flax_lora.errors import ExistingOutputError, MissingFileError, UserError, check_output_folder
+from flax_lora.host_memory import release_freed_heap
 from flax_lora.trackers import Writers, open_writers, report_targets
 from flax_lora.sharding import DATA_AXIS, batch_sharding, make_mesh, param_shardings, place, remat_compiler_options
 
@@ -306,7 +307,13 @@ class TrainStep:
         self.loss_jitted = loss_jitted
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self.jitted(state, self.base_params, batch)
+        compiled = self.jitted._cache_size()
+        if not compiled:  # the set-up's freed heap goes back before the compile's peak (flax_lora.host_memory)
+            release_freed_heap()
+        out = self.jitted(state, self.base_params, batch)
+        if self.jitted._cache_size() != compiled:  # this call compiled: its transient heap goes back too
+            release_freed_heap()
+        return out
 
     def loss(self, params: dict, batch: dict, rng: jax.Array) -> jax.Array:
         """The step's loss of LoRA params on a batch's first micro-batch (noise, timesteps from rng); no update."""
@@ -761,29 +768,28 @@ class _Preemption:
 
 
 def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
-    """With no model flag: build the tiny pipeline (and the built-in shapes, with no data flag) and point at them.
+    """With no model flag: build the demo pipeline (and its blue shapes, with no data flag) and point at them.
 
     The demo's default output folder is a parent: each run gets the next free `run-N` in it, so the quick start
     can be run again without resuming or overwriting anything.
     """
-    from flax_lora.data import build_tiny_dataset
-    from flax_lora.tiny import build_tiny_pipeline
+    from flax_lora.demo import build_demo_dataset, build_demo_pipeline
 
     builtin_data = config.dataset_name is None and config.train_data_dir is None and config.instance_data_dir is None
     # Process 0 builds the shared files; the others wait, so no two writers race on one cache folder.
     run_number = 0
     if jax.process_index() == 0:
-        build_tiny_pipeline(os.path.expanduser(DEFAULT_TINY_MODEL))
+        build_demo_pipeline(DEFAULT_DEMO_MODEL)
         if builtin_data:
-            build_tiny_dataset(DEFAULT_TINY_DATA, resolution=64)
+            build_demo_dataset(DEFAULT_DEMO_DATA)
         run_number = next_run_number(config.output_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         run_number = int(multihost_utils.broadcast_one_to_all(np.int32(run_number)))  # also waits for the build
-    changes = {"pretrained_model_name_or_path": os.path.expanduser(DEFAULT_TINY_MODEL)}
+    changes = {"pretrained_model_name_or_path": os.path.expanduser(DEFAULT_DEMO_MODEL)}
     if builtin_data:
-        changes["train_data_dir"] = DEFAULT_TINY_DATA
+        changes["train_data_dir"] = DEFAULT_DEMO_DATA
     if config.output_dir == BUILTIN_RUN_DEFAULTS["output_dir"]:
         # A resumed demo continues the newest run; a new one starts the next.
         resumed = config.resume_from_checkpoint and run_number > 1
@@ -1136,6 +1142,33 @@ def validate(run: Run, state: TrainState, step: int, final: bool = False) -> lis
     return paths
 
 
+def write_before_after(run: Run, state: TrainState) -> str | None:
+    """The demo's before/after grid: each demo prompt sampled by the base and by base + LoRA, same seeds; its path."""
+    from flax_lora.demo import NEW_COLOUR, PROMPTS, SAMPLES_PER_PROMPT, colour_share, save_before_after
+    from flax_lora.inference import to_uint8
+
+    config = run.config
+    pipeline, scheduler = run.validation
+
+    def sample_prompts() -> list[np.ndarray]:
+        return [to_uint8(pipeline(
+            prompt, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+            scheduler=scheduler, height=config.resolution, width=config.resolution, num_images=SAMPLES_PER_PROMPT,
+            seed=0,
+        )) for prompt in PROMPTS]  # fmt: skip
+
+    logger.info("sampling the before/after grid (base vs LoRA) for: %s", "; ".join(PROMPTS))
+    pipeline.unload_loras()
+    before = sample_prompts()
+    pipeline.add_lora(current_adapter(run, state), name="training")
+    after = sample_prompts()
+    if not run.is_main:
+        return None
+    logger.info("%s share of the shapes' pixels: base %.0f%%, with the LoRA %.0f%%", NEW_COLOUR,
+                100 * colour_share(np.stack(before), NEW_COLOUR), 100 * colour_share(np.stack(after), NEW_COLOUR))
+    return save_before_after(before, after, os.path.join(run.output_dir, "before_after.png"))
+
+
 def train_loop(run: Run, state: TrainState, history: list[tuple[int, float]]) -> tuple[TrainState, int, bool]:
     """Run the steps left; checkpoints and validation at their intervals, a checkpoint on SIGTERM.
 
@@ -1282,12 +1315,13 @@ def main(config: TrainConfig) -> dict:
     """Train a LoRA adapter as configured; returns a summary (paths, final step, losses)."""
     cpu_split = init_devices(config)
     enable_compilation_cache(config.compilation_cache_dir)
-    if config.uses_builtin_defaults:
-        config = apply_builtin_defaults(config)
     is_main = jax.process_index() == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "matplotlib"):  # orbax logs every file rename at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    demo = config.uses_builtin_defaults
+    if demo:
+        config = apply_builtin_defaults(config)
     for note in config.ignored_flag_notes():  # never drop a diffusers flag silently
         logger.info("%s", note)
     if is_main:  # process 0 logs and uploads: its missing wandb or hub token fails now, not after the model loaded
@@ -1312,6 +1346,8 @@ def main(config: TrainConfig) -> dict:
                   "val_loss_history": run.val_history, "step_shapes": run.train_step.compiled_count()}  # fmt: skip
         if not preempted:
             result.update(write_outputs(run, state, history))
+            if demo and run.validation is not None:
+                result["before_after"] = write_before_after(run, state)
     finally:
         if run.writer is not None:
             run.writer.close()

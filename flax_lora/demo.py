@@ -25,7 +25,7 @@ NEW_COLOUR = "blue"  # what the LoRA teaches: the base UNet's training set has n
 PROMPTS = tuple(f"a {NEW_COLOUR} {shape}" for shape in ("circle", "square", "triangle"))
 SAMPLES_PER_PROMPT = 2  # per side of the before/after grid, drawn from seed 0 both sides
 MAX_PROMPT_TOKENS = 24  # "a yellow triangle" is 17 characters, one token each, plus bos and eos
-VAE_STEPS, UNET_STEPS = 600, 1000  # measured to draw recognisable shapes (see README); each costs about a minute
+VAE_STEPS, UNET_STEPS = 600, 1000  # measured to draw recognisable shapes (see README): about 3 + 9 min on 2 cores
 UNCONDITIONAL_FRACTION = 0.1  # of the UNet's training captions dropped, so classifier-free guidance works
 DONE_FILE = "model_index.json"
 
@@ -216,7 +216,7 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
     if (out / DONE_FILE).is_file():
         return str(out)
     start = time.time()
-    logger.info("building the demo pipeline in %s (once; about 3 minutes on 2 CPU cores)", out)
+    logger.info("building the demo pipeline in %s (once; about 12 minutes on 2 CPU cores)", out)
     vae_images, _ = draw_shapes(2048, (*BASE_COLOURS, NEW_COLOUR), seed)  # the VAE knows every colour, as SD's does
     vae_model, vae_params = train_vae(vae_images, seed=seed)
     images, captions = draw_shapes(2048, BASE_COLOURS, seed + 1)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flax_lora.tiny import TINY_VAE_CONFIG
+
 logger = logging.getLogger(__name__)
 
 RESOLUTION = 32
@@ -29,16 +31,11 @@ VAE_STEPS, UNET_STEPS = 600, 1000  # measured to draw recognisable shapes (see R
 UNCONDITIONAL_FRACTION = 0.1  # of the UNet's training captions dropped, so classifier-free guidance works
 DONE_FILE = "model_index.json"
 
-VAE_CONFIG = dict(
-    _class_name="AutoencoderKL",
-    in_channels=3,
-    out_channels=3,
+# The tiny VAE with one block fewer (32 px to 8x8 latents); its scaling factor is measured at build time.
+VAE_CONFIG = {k: v for k, v in TINY_VAE_CONFIG.items() if k != "scaling_factor"} | dict(
     down_block_types=["DownEncoderBlock2D"] * 3,
     up_block_types=["UpDecoderBlock2D"] * 3,
     block_out_channels=[8, 16, 16],
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
     sample_size=RESOLUTION,
 )
 

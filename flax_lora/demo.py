@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flax_lora.tiny import TINY_VAE_CONFIG
+from flax_lora import tiny
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flax_lora.demo")  # also when run as __main__ (`build_in_child`)
 
 RESOLUTION = 32
 BASE_COLOURS = ("red", "green", "yellow")
@@ -27,17 +27,27 @@ NEW_COLOUR = "blue"  # what the LoRA teaches: the base UNet's training set has n
 PROMPTS = tuple(f"a {NEW_COLOUR} {shape}" for shape in ("circle", "square", "triangle"))
 SAMPLES_PER_PROMPT = 2  # per side of the before/after grid, drawn from seed 0 both sides
 MAX_PROMPT_TOKENS = 24  # "a yellow triangle" is 17 characters, one token each, plus bos and eos
-VAE_STEPS, UNET_STEPS = 600, 1000  # measured to draw recognisable shapes (see README): about 3 + 9 min on 2 cores
+# Measured to draw recognisable shapes (see README), about 1 + 1.5 min on 2 cores.
+VAE_STEPS, UNET_STEPS = 500, 400
+VAE_BATCH, UNET_BATCH = 16, 32
+VAE_LEARNING_RATE, UNET_LEARNING_RATE = 4e-3, 1e-2
 UNCONDITIONAL_FRACTION = 0.1  # of the UNet's training captions dropped, so classifier-free guidance works
 DONE_FILE = "model_index.json"
 
 # The tiny VAE with one block fewer (32 px to 8x8 latents); its scaling factor is measured at build time.
-VAE_CONFIG = {k: v for k, v in TINY_VAE_CONFIG.items() if k != "scaling_factor"} | dict(
+VAE_CONFIG = {k: v for k, v in tiny.TINY_VAE_CONFIG.items() if k != "scaling_factor"} | dict(
     down_block_types=["DownEncoderBlock2D"] * 3,
     up_block_types=["UpDecoderBlock2D"] * 3,
     block_out_channels=[8, 16, 16],
     sample_size=RESOLUTION,
 )
+# The tiny SD1 UNet at half its width, on the VAE's 8x8 latents: as good at drawing the shapes, at 0.6x the step.
+UNET_CONFIG = tiny.tiny_unet_config("sd1") | dict(sample_size=RESOLUTION // 4, block_out_channels=[16, 32],
+                                                  norm_num_groups=8)  # fmt: skip
+# XLA:CPU's YNNPACK fusions slow these tiny models down: without them the build's VAE and UNet steps took 0.7x as
+# long (jaxlib 0.10.2, 2 cores), though they speed up the benchmark's larger UNet. The flag is jaxlib's own, so
+# only the build's own process (`build_in_child`) sets it.
+BUILD_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def draw_shapes(count: int, colours: tuple[str, ...], seed: int) -> tuple[np.ndarray, list[str]]:
@@ -149,7 +159,8 @@ def train_vae(images: np.ndarray, steps: int = VAE_STEPS, seed: int = 0) -> tupl
         return jnp.mean((y - x) ** 2) + 1e-4 * kl
 
     params = _init_params(model, seed, jnp.zeros((1, 3, RESOLUTION, RESOLUTION)))
-    params = fit(loss, params, lambda i: (jnp.asarray(pixels[rng.integers(0, len(pixels), 16)]),), steps, 4e-3, "VAE")
+    batch = lambda i: (jnp.asarray(pixels[rng.integers(0, len(pixels), VAE_BATCH)]),)  # noqa: E731
+    params = fit(loss, params, batch, steps, VAE_LEARNING_RATE, "VAE")
     return model, jax.device_get(params)
 
 
@@ -192,12 +203,12 @@ def train_unet(
         return jnp.mean((pred - noise) ** 2)
 
     def batch(i: int) -> tuple:
-        idx = rng.integers(0, len(latents), 32)
+        idx = rng.integers(0, len(latents), UNET_BATCH)
         return jnp.asarray(latents[idx]), jnp.asarray(caption_ids[idx])
 
     sample = jnp.zeros((1, *latents.shape[1:]))
     params = _init_params(model, seed, sample, jnp.zeros((1,)), context[:1])
-    return jax.device_get(fit(loss, params, batch, steps, 5e-3, "UNet", ema_decay=0.99))
+    return jax.device_get(fit(loss, params, batch, steps, UNET_LEARNING_RATE, "UNet", ema_decay=0.99))
 
 
 def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
@@ -205,7 +216,6 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
     import jax
     import jax.numpy as jnp
 
-    from flax_lora import tiny
     from flax_lora.models import clip
     from flax_lora.tokenizer import CLIPTokenizer
 
@@ -213,7 +223,7 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
     if (out / DONE_FILE).is_file():
         return str(out)
     start = time.time()
-    logger.info("building the demo pipeline in %s (once; about 12 minutes on 2 CPU cores)", out)
+    logger.info("building the demo pipeline in %s (once; about 3 minutes on 2 CPU cores)", out)
     vae_images, _ = draw_shapes(2048, (*BASE_COLOURS, NEW_COLOUR), seed)  # the VAE knows every colour, as SD's does
     vae_model, vae_params = train_vae(vae_images, seed=seed)
     images, captions = draw_shapes(2048, BASE_COLOURS, seed + 1)
@@ -222,7 +232,6 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
     text_config = {**tiny.TINY_TEXT_CONFIG, "max_position_embeddings": MAX_PROMPT_TOKENS}
     text_model = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config, "demo text_encoder"))
     text_params = tiny._random_params(text_model, seed + 2, jnp.zeros((1, MAX_PROMPT_TOKENS), jnp.int32))
-    unet_config = {**tiny.tiny_unet_config("sd1"), "sample_size": RESOLUTION // 4}
     scheduler = {"_class_name": "DDIMScheduler", **tiny.SD_SCHEDULE, "clip_sample": False}
     with tiny.atomic_directory(out, DONE_FILE) as tmp:
         tiny.write_tokenizer(tmp / "tokenizer", max_length=MAX_PROMPT_TOKENS)
@@ -231,9 +240,9 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
         vocabulary = sorted(set(captions)) + [""]
         context = np.asarray(text_model.apply({"params": text_params}, jnp.asarray(tokenizer(vocabulary))).last_hidden_state)
         caption_ids = np.array([vocabulary.index(c) for c in captions])
-        unet_params = train_unet(unet_config, latents * scaling_factor, context, caption_ids, len(vocabulary) - 1,
+        unet_params = train_unet(UNET_CONFIG, latents * scaling_factor, context, caption_ids, len(vocabulary) - 1,
                                  seed=seed)  # fmt: skip
-        configs = {"unet": unet_config, "vae": {**VAE_CONFIG, "scaling_factor": scaling_factor},
+        configs = {"unet": UNET_CONFIG, "vae": {**VAE_CONFIG, "scaling_factor": scaling_factor},
                    "text_encoder": text_config}  # fmt: skip
         for name, config in configs.items():
             (tmp / name).mkdir()
@@ -247,6 +256,34 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
         (tmp / DONE_FILE).write_text(json.dumps(tiny.model_index("sd1", scheduler["_class_name"]), indent=1))
     logger.info("demo pipeline built in %.0f s", time.time() - start)
     return str(out)
+
+
+def build_in_child(out_dir: str | os.PathLike) -> str:
+    """`build_demo_pipeline` in a fresh Python process with BUILD_XLA_FLAGS (its log shows here); returns the path.
+
+    The child's XLA settings and its memory end with it, so the training run that follows keeps its own.
+    """
+    import subprocess
+    import sys
+
+    out = Path(os.path.expanduser(out_dir))
+    if (out / DONE_FILE).is_file():
+        return str(out)
+    env = dict(os.environ)
+    if _jaxlib_has_ynn_fusions():
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {BUILD_XLA_FLAGS}".strip()
+    proc = subprocess.run([sys.executable, "-m", "flax_lora.demo", str(out)], env=env)
+    if proc.returncode != 0 or not (out / DONE_FILE).is_file():
+        raise RuntimeError(f"building the demo pipeline in {out} failed (exit status {proc.returncode}); see its log "
+                           "above. Nothing was written there; the next run builds it again.")  # fmt: skip
+    return str(out)
+
+
+def _jaxlib_has_ynn_fusions() -> bool:
+    """Whether this jaxlib knows BUILD_XLA_FLAGS (an unknown XLA flag aborts the process); measured on 0.10.2."""
+    import jaxlib
+
+    return tuple(int(p) for p in jaxlib.__version__.split(".")[:2]) >= (0, 10)
 
 
 def colour_share(images: np.ndarray, colour: str) -> float:
@@ -273,3 +310,11 @@ def save_before_after(before: list[np.ndarray], after: list[np.ndarray], out_png
     grid = np.concatenate([np.concatenate([row(b), gap, row(a)], axis=1) for b, a in zip(before, after)], axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(out_png)
     return out_png
+
+
+if __name__ == "__main__":  # the child process of `build_in_child`
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # its INFO line on a missing TPU library is not news here
+    build_demo_pipeline(sys.argv[1])

@@ -773,13 +773,13 @@ def apply_builtin_defaults(config: TrainConfig) -> TrainConfig:
     The demo's default output folder is a parent: each run gets the next free `run-N` in it, so the quick start
     can be run again without resuming or overwriting anything.
     """
-    from flax_lora.demo import build_demo_dataset, build_demo_pipeline
+    from flax_lora.demo import build_demo_dataset, build_in_child
 
     builtin_data = config.dataset_name is None and config.train_data_dir is None and config.instance_data_dir is None
     # Process 0 builds the shared files; the others wait, so no two writers race on one cache folder.
     run_number = 0
     if jax.process_index() == 0:
-        build_demo_pipeline(DEFAULT_DEMO_MODEL)
+        build_in_child(DEFAULT_DEMO_MODEL)
         if builtin_data:
             build_demo_dataset(DEFAULT_DEMO_DATA)
         run_number = next_run_number(config.output_dir)

@@ -97,8 +97,6 @@ def _init_params(model, seed: int, *inputs) -> dict:
     """Random params whose residual branches start at zero (each block the identity), so a short run trains well."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    from flax_lora.tiny import _random_params
-
     def start(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
         if path[-1] == "scale":
             return np.ones_like(value)
@@ -106,7 +104,7 @@ def _init_params(model, seed: int, *inputs) -> dict:
             return np.zeros_like(value)
         return value
 
-    return unflatten_dict({k: start(k, v) for k, v in flatten_dict(_random_params(model, seed, *inputs)).items()})
+    return unflatten_dict({k: start(k, v) for k, v in flatten_dict(tiny.random_params(model, seed, *inputs)).items()})
 
 
 def fit(
@@ -231,7 +229,7 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
     scaling_factor = float(1.0 / latents.std())  # unit-variance latents, as SD's 0.18215 was chosen
     text_config = {**tiny.TINY_TEXT_CONFIG, "max_position_embeddings": MAX_PROMPT_TOKENS}
     text_model = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config, "demo text_encoder"))
-    text_params = tiny._random_params(text_model, seed + 2, jnp.zeros((1, MAX_PROMPT_TOKENS), jnp.int32))
+    text_params = tiny.random_params(text_model, seed + 2, jnp.zeros((1, MAX_PROMPT_TOKENS), jnp.int32))
     scheduler = {"_class_name": "DDIMScheduler", **tiny.SD_SCHEDULE, "clip_sample": False}
     with tiny.atomic_directory(out, DONE_FILE) as tmp:
         tiny.write_tokenizer(tmp / "tokenizer", max_length=MAX_PROMPT_TOKENS)
@@ -244,16 +242,8 @@ def build_demo_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> str:
                                  seed=seed)  # fmt: skip
         configs = {"unet": UNET_CONFIG, "vae": {**VAE_CONFIG, "scaling_factor": scaling_factor},
                    "text_encoder": text_config}  # fmt: skip
-        for name, config in configs.items():
-            (tmp / name).mkdir()
-            (tmp / name / "config.json").write_text(json.dumps(config, indent=1))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
-        tiny._save_weights(unet_params, tmp / "unet" / "diffusion_pytorch_model.safetensors")
-        tiny._save_weights(vae_params, tmp / "vae" / "diffusion_pytorch_model.safetensors")
-        tiny._save_weights(jax.device_get(text_params), tmp / "text_encoder" / "model.safetensors",
-                           strip_prefix="text_model.")  # fmt: skip
-        (tmp / DONE_FILE).write_text(json.dumps(tiny.model_index("sd1", scheduler["_class_name"]), indent=1))
+        params = {"unet": unet_params, "vae": vae_params, "text_encoder": jax.device_get(text_params)}
+        tiny.write_pipeline_files(tmp, "sd1", configs, params, scheduler)
     logger.info("demo pipeline built in %.0f s", time.time() - start)
     return str(out)
 

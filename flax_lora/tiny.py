@@ -149,7 +149,7 @@ TINY_TEXT_CONFIG = dict(
 )
 
 
-def _random_params(model, seed: int, *inputs) -> dict:
+def random_params(model, seed: int, *inputs) -> dict:
     """Random params of a model's shapes, drawn in numpy (compiling Flax's init costs ~20 s on CPU for nothing).
 
     Kernels ~ N(0, 1/fan_in), biases and embeddings small, norm scales near 1: every parameter differs from its
@@ -173,7 +173,7 @@ def _random_params(model, seed: int, *inputs) -> dict:
     return unflatten_dict(params)
 
 
-def _save_weights(params: dict, file: Path, strip_prefix: str = "") -> None:
+def save_weights(params: dict, file: Path, strip_prefix: str = "") -> None:
     """Write a Flax param tree as a PyTorch-layout safetensors file (what diffusers' save_pretrained writes)."""
     from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
@@ -206,6 +206,25 @@ def model_index(kind: str, scheduler_class: str) -> dict:
     return index
 
 
+def write_pipeline_files(
+    folder: Path, kind: str, configs: dict[str, dict], params: dict[str, dict], scheduler: dict
+) -> None:
+    """Write the components' configs and weights (Flax trees), the scheduler and model_index.json, in diffusers' layout."""
+    for name, config in configs.items():
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_text(json.dumps(config, indent=1))
+        if name.startswith("text_encoder"):
+            # transformers 5 saves CLIPTextModel without the `text_model.` prefix (and WithProjection with it).
+            with_projection = config.get("architectures") == ["CLIPTextModelWithProjection"]
+            save_weights(params[name], folder / name / "model.safetensors",
+                         strip_prefix="" if with_projection else "text_model.")  # fmt: skip
+        else:
+            save_weights(params[name], folder / name / "diffusion_pytorch_model.safetensors")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
+    (folder / "model_index.json").write_text(json.dumps(model_index(kind, scheduler["_class_name"]), indent=1))
+
+
 def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int = 0) -> str:
     """Build and save a tiny randomly initialised diffusers-layout pipeline (64 px, 8x8 latents) with our own models.
 
@@ -230,13 +249,13 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
     unet_model = unet.UNet2DConditionModel(unet.UNetConfig.from_dict(unet_config))
     context = jnp.zeros((1, 1, unet_config["cross_attention_dim"]))
     added = {"text_embeds": jnp.zeros((1, 48)), "time_ids": jnp.zeros((1, 6))} if sdxl else None
-    unet_params = _random_params(unet_model, seed, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), context, added)
+    unet_params = random_params(unet_model, seed, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), context, added)
     vae_model = vae.AutoencoderKL(vae.VAEConfig.from_dict(TINY_VAE_CONFIG, "tiny vae"))
-    vae_params = _random_params(vae_model, seed + 1, jnp.zeros((1, 3, 64, 64)))
+    vae_params = random_params(vae_model, seed + 1, jnp.zeros((1, 3, 64, 64)))
     ids = jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32)
     encoders = {"text_encoder": text_config, **({"text_encoder_2": text_config_2} if sdxl else {})}
     text_params = {
-        name: _random_params(clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(config, f"tiny {name}")), seed + 2 + i, ids)
+        name: random_params(clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(config, f"tiny {name}")), seed + 2 + i, ids)
         for i, (name, config) in enumerate(encoders.items())
     }
     if kind == "sd2":
@@ -247,24 +266,12 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "sd1", seed: int
         scheduler = {"_class_name": "EulerDiscreteScheduler", **schedule, "timestep_spacing": "leading"}
     else:
         scheduler = {"_class_name": "PNDMScheduler", **SD_SCHEDULE, "skip_prk_steps": True}
-    index = model_index(kind, scheduler["_class_name"])
     with atomic_directory(out, "model_index.json") as tmp:
         write_tokenizer(tmp / "tokenizer")
         if sdxl:
             write_tokenizer(tmp / "tokenizer_2", pad_token="!")  # as SDXL's second tokenizer pads with "!"
         configs = {"unet": unet_config, "vae": TINY_VAE_CONFIG, **encoders}
-        for name, config in configs.items():
-            (tmp / name).mkdir()
-            (tmp / name / "config.json").write_text(json.dumps(config, indent=1))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
-        _save_weights(unet_params, tmp / "unet" / "diffusion_pytorch_model.safetensors")
-        _save_weights(vae_params, tmp / "vae" / "diffusion_pytorch_model.safetensors")
-        for name, params in text_params.items():
-            # transformers 5 saves CLIPTextModel without the `text_model.` prefix (and WithProjection with it).
-            strip = "" if sdxl and name == "text_encoder_2" else "text_model."
-            _save_weights(params, tmp / name / "model.safetensors", strip_prefix=strip)
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        write_pipeline_files(tmp, kind, configs, {"unet": unet_params, "vae": vae_params, **text_params}, scheduler)
     return str(out)
 
 

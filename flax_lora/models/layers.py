@@ -44,6 +44,18 @@ def activation(name: str, where: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...]) -> jax.Array:
+    """`module.param(name, init, shape)`, without flax's check of a given param's shape on every call.
+
+    That check traces the initializer (`jax.eval_shape`), about 15 ms per kernel: seconds each time a UNet is traced
+    (every train step, sampler and loss compiles one). The loaders check every weight's shape against the model's
+    (flax_lora.loading), so only `init` creates params through flax.
+    """
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init, shape)
+
+
 def _lora_branch(module: nn.Module, x: jax.Array, down_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array | None:
     """`((x @ down) * scale) @ up` for this module's entry of the "lora" collection, or None without one."""
     if not module.has_variable(LORA, "up"):
@@ -91,11 +103,11 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _init, (x.shape[-1], self.features))
+        kernel = _param(self, "kernel", _init, (x.shape[-1], self.features))
         x = x.astype(self.dtype)
         y = base = x @ kernel.astype(self.dtype)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            y = y + _param(self, "bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return _with_lora(self, x, base, y, kernel, lambda h, down: h @ down)
 
 
@@ -120,11 +132,11 @@ class Conv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = self.param("kernel", _init, (k, k, x.shape[-1], self.features))
+        kernel = _param(self, "kernel", _init, (k, k, x.shape[-1], self.features))
         x = x.astype(self.dtype)
         y = base = self._conv(x, kernel.astype(self.dtype))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            y = y + _param(self, "bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return _with_lora(self, x, base, y, kernel, self._conv)
 
 
@@ -140,8 +152,8 @@ class GroupNorm(nn.Module):
         channels = x.shape[-1]
         if channels % self.num_groups:
             raise ValueError(f"GroupNorm {self.path}: {channels} channels do not split into {self.num_groups} groups")
-        scale = self.param("scale", nn.initializers.ones, (channels,))
-        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        scale = _param(self, "scale", nn.initializers.ones, (channels,))
+        bias = _param(self, "bias", nn.initializers.zeros, (channels,))
         grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
         mean = grouped.mean(axis=(1, 3), keepdims=True)
         var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
@@ -158,8 +170,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,))
-        bias = self.param("bias", nn.initializers.zeros, (features,))
+        scale = _param(self, "scale", nn.initializers.ones, (features,))
+        bias = _param(self, "bias", nn.initializers.zeros, (features,))
         x32 = x.astype(jnp.float32)
         mean = x32.mean(axis=-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)

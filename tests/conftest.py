@@ -16,6 +16,20 @@ import pytest  # noqa: E402
 from tests.pipelines import build_torch_pipeline  # noqa: E402
 
 
+# The slowest modules, slowest first (durations of a cold run on 2 cores): pytest-xdist (`-n auto --dist loadfile`,
+# pyproject.toml) hands whole modules to its workers in collection order, so these start first and the two workers
+# end about together, rather than one starting test_demo's 5-minute build when the other is nearly done.
+SLOWEST_MODULES = ("test_demo", "test_inference", "test_train", "test_sdxl", "test_dora", "test_loading", "test_locon",
+                   "test_sharding", "test_train_options", "test_buckets", "test_dreambooth", "test_cpu_devices",
+                   "test_multiprocess", "test_bench", "test_remat")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Run the slowest modules first (see SLOWEST_MODULES); the order within a module is kept."""
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1_path(tmp_path_factory) -> str:
     """A tiny SD1-style pipeline (conv proj_in/out, epsilon, quick-GELU CLIP) saved by diffusers + transformers 5."""

@@ -18,7 +18,7 @@ from tests.pipelines import build_torch_pipeline  # noqa: E402
 
 # The slowest modules, slowest first (durations of a cold run on 2 cores): pytest-xdist (`-n auto --dist loadfile`,
 # pyproject.toml) hands whole modules to its workers in collection order, so these start first and the two workers
-# end about together, rather than one starting test_demo's 5-minute build when the other is nearly done.
+# end about together, rather than one starting test_demo's 4-minute first run when the other is nearly done.
 SLOWEST_MODULES = ("test_demo", "test_inference", "test_train", "test_sdxl", "test_dora", "test_loading", "test_locon",
                    "test_sharding", "test_train_options", "test_buckets", "test_dreambooth", "test_cpu_devices",
                    "test_multiprocess", "test_bench", "test_remat")  # fmt: skip

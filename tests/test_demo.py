@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bounds set below what the build measured (README, "Try it without downloads"), so a change that breaks the demo
 # fails while run-to-run float differences do not.
 MIN_VAE_PSNR_DB = 20.0
+# How much commoner each base colour must be in its own prompt's samples than in any other prompt's.
+MIN_OWN_COLOUR_RATIO = {"red": 4.0, "green": 4.0, "yellow": 1.5}
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +80,12 @@ def test_demo_base_draws_the_shapes_world(quick_start):
                for c in demo.BASE_COLOURS}  # fmt: skip
     for images in samples.values():  # measured 0.31-0.50 of noise's distance
         assert distance_to_world(images) < 0.75 * distance_to_world(noise)
-    # The prompt's colour shows: each colour is commoner in its own prompt's samples than in the others' (measured
+    # The prompt's colour shows: each colour is commoner in its own prompt's samples than in any other's (measured
     # 61% red vs at most 0.2%, 43% green vs 1%, yellow 100% vs 37% of the shape pixels, by nearest demo colour).
-    for colour in demo.BASE_COLOURS:
+    for colour, min_ratio in MIN_OWN_COLOUR_RATIO.items():
         own = demo.colour_share(samples[colour], colour)
         others = max(demo.colour_share(samples[asked], colour) for asked in demo.BASE_COLOURS if asked != colour)
-        assert own > 1.5 * others, (colour, own, others)
+        assert own > min_ratio * others, (colour, own, others)
 
 
 def test_demo_lora_teaches_the_new_colour(quick_start):

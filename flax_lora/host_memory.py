@@ -7,8 +7,10 @@ Design:
 - `release_freed_heap()` is `malloc_trim(0)`: it frees nothing that is in use, so results are unchanged; it costs
   milliseconds, so it runs at a compile only (the train step's first call and each new batch shape), never per step.
 - Without glibc (macOS, musl) it does nothing.
-- Not used: XLA:CPU's elemental IR emitter (`--xla_cpu_use_fusion_emitters=false`) compiles the `small` bench step
-  in about 400 MiB less than its default MLIR fusion emitters, with the same losses, but its step ran 1.9x slower.
+- What trimming cannot touch is the compile's live heap: XLA:CPU's MLIR fusion emitter queues each kernel with an
+  MLIR context of its own (236 contexts, ~290 MiB, for the `small` step on 2 cores; heaptrack). Not used, since
+  both cost speed (README, Benchmark): YNNPACK for elementwise/reduce fusions (~130 MiB less, steps ~8% slower)
+  and XLA's elemental emitter (`--xla_cpu_use_fusion_emitters=false`: ~400 MiB less, steps 1.9x slower).
 """
 
 from __future__ import annotations

@@ -131,7 +131,14 @@ class TrainConfig:
     train_data_dir: str | None = _f(
         None,
         "Folder of training images with a metadata.jsonl: one JSON object per line with 'file_name' "
-        "(path relative to the folder) and the caption column. Ignored if --dataset_name is given.",
+        "(path relative to the folder) and the caption column. Without one, a caption file beside each image, as "
+        "kohya reads it (<repeats>_<class tokens> subfolders included; see --caption_extension). Ignored if "
+        "--dataset_name is given.",
+    )
+    caption_extension: str | None = _f(
+        None,
+        "kohya's flag: the extension of the caption files beside --train_data_dir's images (without a "
+        "metadata.jsonl), e.g. .txt; by default .txt, else .caption.",
     )
     image_column: str = _f("image", "Dataset column holding the image (or, for metadata.jsonl, 'file_name').")
     caption_column: str = _f("text", "Dataset column holding the caption (a string or a list of strings).")
@@ -465,6 +472,12 @@ class TrainConfig:
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("--cache_text_embeddings cannot be combined with --train_text_encoder")
         self._validate_dreambooth()
+        if self.caption_extension is not None:
+            if self.train_data_dir is None:
+                raise ValueError("--caption_extension names the caption files of --train_data_dir's images: give "
+                                 "that folder too")  # fmt: skip
+            if not self.caption_extension.startswith("."):
+                raise ValueError(f"--caption_extension must start with '.', e.g. .txt; got {self.caption_extension!r}")
         sources = (self.dataset_name, self.train_data_dir, self.instance_data_dir)
         if all(v is None for v in sources) and self.pretrained_model_name_or_path:
             raise ValueError("give --dataset_name, --train_data_dir or --instance_data_dir to train a pretrained model")

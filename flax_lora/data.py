@@ -95,20 +95,28 @@ def check_folder(path: str, flag: str) -> None:
 
 
 def load_image_folder(
-    data_dir: str, caption_column: str = "text", max_samples: int | None = None, skip_missing: bool = True
+    data_dir: str,
+    caption_column: str = "text",
+    max_samples: int | None = None,
+    skip_missing: bool = True,
+    caption_extension: str | None = None,
 ) -> CaptionedImages:
-    """Read an image folder with metadata.jsonl (`file_name` + caption column), like diffusers' imagefolder.
+    """Read an image folder with metadata.jsonl (`file_name` + caption column), like diffusers' imagefolder; a
+    folder without one is read the way kohya reads it (`load_caption_folder`).
 
     Every line is checked, and that its file exists, before any image is decoded: listed files that do not exist
     are skipped with a warning (an error naming the first one with `skip_missing=False`).
     """
     check_folder(data_dir, "--train_data_dir")
     meta = os.path.join(data_dir, "metadata.jsonl")
-    expected = f"one JSON object per line with 'file_name' (the image, relative to the folder) and '{caption_column}'"
     if not os.path.isfile(meta):
-        has_csv = os.path.isfile(os.path.join(data_dir, "metadata.csv"))
-        csv = " (its metadata.csv is read with --dataset_name instead)" if has_csv else ""
-        raise MissingFileError(f"--train_data_dir {data_dir} has no metadata.jsonl; expected {expected}{csv}")
+        return load_caption_folder(data_dir, caption_extension, max_samples)
+    if caption_extension:
+        raise UserError(
+            f"--caption_extension {caption_extension}: --train_data_dir {data_dir} has a metadata.jsonl, whose "
+            "caption column is read instead of caption files; drop the flag (or the metadata.jsonl)"
+        )
+    expected = f"one JSON object per line with 'file_name' (the image, relative to the folder) and '{caption_column}'"
     names, captions, missing = [], [], []
     with open(meta, encoding="utf-8") as f:
         try:
@@ -225,6 +233,86 @@ def image_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
+# The caption files read beside each image when --caption_extension is not given: the common one, then kohya's default.
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
+def read_caption_file(image_path: str, extensions: tuple[str, ...]) -> str | None:
+    """The first line of an image's caption file (`<stem><extension>`, kohya's rule), or None if it has none."""
+    stem = os.path.splitext(image_path)[0]
+    for extension in extensions:
+        path = stem + extension
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except UnicodeDecodeError as e:
+                raise UserError(f"caption file {path} is not UTF-8 text ({e})") from e
+            return lines[0].strip() if lines else ""
+    return None
+
+
+def kohya_subfolder(name: str) -> tuple[int, str] | None:
+    """(repeats, class tokens) of a kohya `<repeats>_<class tokens>` subfolder name such as `10_sks dog`, else None."""
+    repeats, _, tokens = name.partition("_")
+    return (int(repeats), tokens) if repeats.isdigit() else None
+
+
+def load_caption_folder(data_dir: str, caption_extension: str | None = None, max_samples: int | None = None):
+    """An image folder captioned by text files beside the images, as kohya's sd-scripts read it.
+
+    Subfolders named `<repeats>_<class tokens>` (`10_sks dog`) are kohya's DreamBooth layout: each of their images
+    is an example `repeats` times, captioned by its caption file or else by the class tokens; then other subfolders
+    and images directly in the folder are ignored, with a warning, as kohya ignores them. Without such subfolders
+    every image directly in the folder is an example and needs its caption file. `max_samples` counts images.
+    """
+    extensions = (caption_extension,) if caption_extension else CAPTION_EXTENSIONS
+    groups: list[tuple[str, int, str | None]] = []  # (folder, repeats, class tokens)
+    for entry in sorted(os.scandir(data_dir), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        params = kohya_subfolder(entry.name)
+        if params is None or params[0] < 1:
+            logger.warning("ignoring subfolder %s: kohya reads only subfolders named <repeats>_<class tokens> with "
+                           "repeats >= 1, e.g. '10_sks dog'", entry.path)  # fmt: skip
+            continue
+        groups.append((entry.path, *params))
+    top_images = image_files(data_dir)
+    if groups and top_images:
+        logger.warning("ignoring the %d images directly in %s: with <repeats>_<class tokens> subfolders kohya reads "
+                       "only those", len(top_images), data_dir)  # fmt: skip
+    names, captions, uncaptioned, images = [], [], [], 0
+    for folder, repeats, tokens in groups or [(data_dir, 1, None)]:
+        for path in image_files(folder):
+            if max_samples is not None and images >= max_samples:
+                break
+            caption = read_caption_file(path, extensions)
+            if caption is None and tokens is None:
+                uncaptioned.append(path)
+                continue
+            if caption is None and not tokens:
+                logger.warning("%s has no caption file and its folder no class tokens: its caption is empty", path)
+            names += [path] * repeats
+            captions += [[tokens if caption is None else caption]] * repeats
+            images += 1
+    ext = " or ".join(extensions)
+    layouts = (
+        f"expected a metadata.jsonl (one JSON object per line with 'file_name' and the caption column), or images "
+        f"with a caption file beside each (<image name>{ext}), directly in the folder or in kohya's "
+        f"<repeats>_<class tokens> subfolders"
+    )
+    if uncaptioned:
+        raise MissingFileError(
+            f"--train_data_dir {data_dir} has no metadata.jsonl, and {len(uncaptioned)} of its images have no caption "
+            f"file (first: {os.path.splitext(uncaptioned[0])[0]}{extensions[0]}); {layouts}"
+        )
+    if not names:
+        has_csv = os.path.isfile(os.path.join(data_dir, "metadata.csv"))
+        csv = " (its metadata.csv is read with --dataset_name instead)" if has_csv else ""
+        raise MissingFileError(f"--train_data_dir {data_dir} has no metadata.jsonl and no captioned images; {layouts}{csv}")
+    return CaptionedImages(names, captions, lambda i: Image.open(names[i]), source=data_dir)
+
+
 def load_prompt_folder(data_dir: str, prompt: str, flag: str, max_samples: int | None = None) -> CaptionedImages:
     """Every image of a folder (`image_files`), each captioned `prompt`: DreamBooth's instance or class images.
 
@@ -269,7 +357,7 @@ def load_training_data(config) -> CaptionedImages:
         raise UserError("no training data: pass --dataset_name or --train_data_dir")
     return load_image_folder(
         os.path.expanduser(config.train_data_dir), config.caption_column, config.max_train_samples,
-        skip_missing=config.skip_bad_images,
+        skip_missing=config.skip_bad_images, caption_extension=config.caption_extension,
     )
 
 

@@ -1,4 +1,4 @@
-"""Data: image folder + metadata.jsonl, preprocessing, corrupt images, per-process rows, the built-in set."""
+"""Data: image folder + metadata.jsonl or kohya's caption files, preprocessing, corrupt images, per-process rows, the built-in set."""
 
 import json
 
@@ -7,11 +7,13 @@ import pytest
 from PIL import Image
 
 from flax_lora.config import TrainConfig, parse_args
+from flax_lora.errors import MissingFileError, UserError
 from flax_lora.data import (
     BadImageError,
     BatchLoader,
     build_tiny_dataset,
     load_image_folder,
+    load_training_data,
     preprocess_image,
 )
 
@@ -71,6 +73,68 @@ def test_export_formats_flag():
     for bad in ("comfy", ","):
         with pytest.raises(ValueError, match=r"--export_formats .*expected a comma-separated subset of \('diffusers', 'kohya'\)"):
             TrainConfig(export_formats=bad)
+
+
+def _image(path, color) -> str:
+    """Write a 16x16 PNG of one color; returns its path."""
+    Image.new("RGB", (16, 16), color).save(path)
+    return str(path)
+
+
+def test_caption_files_beside_the_images_are_read_as_kohya_reads_them(tmp_path, caplog):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, ext in enumerate((".txt", ".caption", ".txt")):
+        _image(flat / f"{i}.png", (80 * i, 0, 0))
+        (flat / f"{i}{ext}").write_text(f"caption {i}\nsecond line is not read\n")
+    data = load_image_folder(str(flat))
+    assert data.names == [str(flat / f"{i}.png") for i in range(3)]
+    assert [data.captions(i) for i in range(3)] == [[f"caption {i}"] for i in range(3)]
+    assert len(load_image_folder(str(flat), max_samples=2)) == 2
+    with pytest.raises(MissingFileError, match=r"1 of its images have no caption file \(first: .*1\.txt\)"):
+        load_image_folder(str(flat), caption_extension=".txt")  # 1.png has only a .caption file
+
+    kohya = tmp_path / "kohya"
+    (kohya / "3_sks dog").mkdir(parents=True)
+    (kohya / "1_style_x").mkdir()
+    (kohya / "notes").mkdir()
+    (kohya / "0_off").mkdir()
+    captioned = _image(kohya / "3_sks dog" / "a.png", (0, 90, 0))
+    (kohya / "3_sks dog" / "a.txt").write_text("a photo of sks dog on grass")
+    by_folder = _image(kohya / "3_sks dog" / "b.png", (0, 0, 90))
+    styled = _image(kohya / "1_style_x" / "c.png", (9, 9, 9))
+    _image(kohya / "notes" / "d.png", (1, 1, 1))
+    _image(kohya / "0_off" / "e.png", (2, 2, 2))
+    _image(kohya / "top.png", (3, 3, 3))
+    with caplog.at_level("WARNING"):
+        data = load_image_folder(str(kohya))
+    assert data.names == [styled] + [captioned] * 3 + [by_folder] * 3  # subfolders in name order, each image repeated
+    assert [data.captions(i)[0] for i in range(len(data))] == ["style_x"] + ["a photo of sks dog on grass"] * 3 + [
+        "sks dog"
+    ] * 3
+    log = caplog.text
+    assert "ignoring subfolder" in log and "notes" in log and "0_off" in log
+    assert "ignoring the 1 images directly in" in log
+    config = TrainConfig(pretrained_model_name_or_path="unused", train_data_dir=str(kohya), caption_extension=".txt")
+    assert load_training_data(config).names == data.names
+
+
+def test_caption_extension_mistakes_are_named(tmp_path, shapes_dir):
+    with pytest.raises(ValueError, match="--caption_extension must start with '.', e.g. .txt; got 'txt'"):
+        TrainConfig(pretrained_model_name_or_path="unused", train_data_dir=str(tmp_path), caption_extension="txt")
+    with pytest.raises(ValueError, match="--caption_extension names the caption files of --train_data_dir"):
+        TrainConfig(pretrained_model_name_or_path="unused", dataset_name="x/y", caption_extension=".txt")
+    with pytest.raises(UserError, match="has a metadata.jsonl, whose caption column is read instead"):
+        load_image_folder(shapes_dir, caption_extension=".txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingFileError, match=r"has no metadata.jsonl and no captioned images; expected a "
+                                               r"metadata.jsonl .* \(<image name>.txt or .caption\)"):  # fmt: skip
+        load_image_folder(str(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    _image(tmp_path / "bad" / "0.png", (0, 0, 0))
+    (tmp_path / "bad" / "0.txt").write_bytes(b"\xff\xfe caption")
+    with pytest.raises(UserError, match=r"caption file .*0\.txt is not UTF-8 text"):
+        load_image_folder(str(tmp_path / "bad"))
 
 
 def _corrupt_folder(tmp_path, shapes_dir):

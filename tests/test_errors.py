@@ -102,7 +102,7 @@ def test_image_folder_mistakes_name_the_file_and_the_fix(tmp_path, caplog):
         load_image_folder(str(tmp_path / "file"))
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "metadata.csv").write_text("file_name,text\n")
-    with pytest.raises(MissingFileError, match="has no metadata.jsonl; .*its metadata.csv is read with --dataset_name"):
+    with pytest.raises(MissingFileError, match="has no metadata.jsonl and no captioned images; .*its metadata.csv is read with --dataset_name"):
         load_image_folder(str(tmp_path / "csv"))
     cases = {
         "json": (['{"file_name": "0.png"'], "line 1 is not valid JSON"),

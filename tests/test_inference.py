@@ -165,21 +165,17 @@ def test_v_prediction_pipeline_with_dpm_matches_pytorch(tiny_sd2_path, tmp_path,
 
 
 @pytest.mark.parametrize("name", ["dpm++", "dpm++_karras", "euler", "pndm"])
-def test_each_deterministic_sampler_gives_pytorchs_image(sd1, tiny_sd1_path, adapter_files, init_latents, name):
-    """A whole generation with each sampler, without and with a LoRA, equals PyTorch's for the same init latents."""
-    steps, scale, file = 5, 0.7, adapter_files["diffusers"]
+def test_each_deterministic_sampler_gives_pytorchs_image(sd1, tiny_sd1_path, init_latents, name):
+    """A whole generation with each sampler equals PyTorch's for the same init latents.
+
+    Without a LoRA: an adapter only changes the UNet's output, which every sampler consumes alike, and LoRA images
+    are compared with PyTorch's under DDIM and DPM-Solver++ above (each with-LoRA run here was one more compile)."""
+    steps = 5
     sd1.unload_loras()
-    pt = _pt_pipeline(tiny_sd1_path, name)
-    base = sd1(PROMPT, num_inference_steps=steps, scheduler=name, latents=init_latents)
-    diff = np.abs(base - _pt_images(pt, init_latents, steps=steps)).mean()
-    sd1.load_lora(file, scale=scale)
-    with_lora = sd1(PROMPT, num_inference_steps=steps, scheduler=name, latents=init_latents)
-    sd1.unload_loras()
-    pt.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file))
-    lora_diff = np.abs(with_lora - _pt_images(pt, init_latents, scale, steps=steps)).mean()
-    print(f"{name}: mean |flax - pytorch| = {diff:.2e}, with LoRA {lora_diff:.2e}")
-    assert diff < ONE_LEVEL and lora_diff < ONE_LEVEL
-    assert np.abs(with_lora - base).mean() > 3 * ONE_LEVEL  # the adapter changes the image well beyond the bound
+    image = sd1(PROMPT, num_inference_steps=steps, scheduler=name, latents=init_latents)
+    diff = np.abs(image - _pt_images(_pt_pipeline(tiny_sd1_path, name), init_latents, steps=steps)).mean()
+    print(f"{name}: mean |flax - pytorch| = {diff:.2e}")
+    assert diff < ONE_LEVEL
 
 
 def test_stochastic_samplers_are_seeded(sd1):

@@ -240,16 +240,18 @@ CAPTION_EXTENSIONS = (".txt", ".caption")
 def read_caption_file(image_path: str, extensions: tuple[str, ...]) -> str | None:
     """The first line of an image's caption file (`<stem><extension>`, kohya's rule), or None if it has none."""
     stem = os.path.splitext(image_path)[0]
-    for extension in extensions:
-        path = stem + extension
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-            except UnicodeDecodeError as e:
-                raise UserError(f"caption file {path} is not UTF-8 text ({e})") from e
-            return lines[0].strip() if lines else ""
-    return None
+    found = [stem + extension for extension in extensions if os.path.isfile(stem + extension)]
+    if len(found) > 1:  # kohya would read only its --caption_extension (default .caption): no silent pick
+        raise UserError(f"{image_path} has two caption files, {' and '.join(found)}: pass --caption_extension "
+                        "to pick one")  # fmt: skip
+    if not found:
+        return None
+    try:
+        with open(found[0], encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"caption file {found[0]} is not UTF-8 text ({e})") from e
+    return lines[0].strip() if lines else ""
 
 
 def kohya_subfolder(name: str) -> tuple[int, str] | None:
@@ -258,7 +260,9 @@ def kohya_subfolder(name: str) -> tuple[int, str] | None:
     return (int(repeats), tokens) if repeats.isdigit() else None
 
 
-def load_caption_folder(data_dir: str, caption_extension: str | None = None, max_samples: int | None = None):
+def load_caption_folder(
+    data_dir: str, caption_extension: str | None = None, max_samples: int | None = None
+) -> CaptionedImages:
     """An image folder captioned by text files beside the images, as kohya's sd-scripts read it.
 
     Subfolders named `<repeats>_<class tokens>` (`10_sks dog`) are kohya's DreamBooth layout: each of their images

@@ -130,6 +130,13 @@ def test_caption_extension_mistakes_are_named(tmp_path, shapes_dir):
     with pytest.raises(MissingFileError, match=r"has no metadata.jsonl and no captioned images; expected a "
                                                r"metadata.jsonl .* \(<image name>.txt or .caption\)"):  # fmt: skip
         load_image_folder(str(tmp_path / "empty"))
+    (tmp_path / "two").mkdir()
+    _image(tmp_path / "two" / "0.png", (0, 0, 0))
+    for ext in (".txt", ".caption"):
+        (tmp_path / "two" / f"0{ext}").write_text("a caption")
+    with pytest.raises(UserError, match=r"0\.png has two caption files, .*0\.txt and .*0\.caption: pass --caption_extension"):
+        load_image_folder(str(tmp_path / "two"))
+    assert load_image_folder(str(tmp_path / "two"), caption_extension=".caption").captions(0) == ["a caption"]
     (tmp_path / "bad").mkdir()
     _image(tmp_path / "bad" / "0.png", (0, 0, 0))
     (tmp_path / "bad" / "0.txt").write_bytes(b"\xff\xfe caption")
